@@ -1,0 +1,82 @@
+"""Writes a complete bundle: the three graphs, then manifest.json with checksums."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from export.onnx_export import IR_VERSION, OPSET, PARITY_TOLERANCE, export_graphs
+from models import VAEGAN
+from service.runtime.bundle import FORMAT_VERSION, graph_signatures, write_manifest
+from service.runtime.preprocess import ImageSpec
+from service.runtime.scoring import Calibration
+
+__all__ = ["build_manifest", "git_revision", "write_bundle"]
+
+
+def git_revision() -> str | None:
+    """The source tree's git commit, if it is a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def build_manifest(
+    model: VAEGAN,
+    spec: ImageSpec,
+    *,
+    name: str,
+    version: int,
+    parity: dict[str, float],
+    training: dict[str, Any],
+    calibration: Calibration | None,
+) -> dict[str, Any]:
+    cfg = model.cfg
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "image": spec.to_dict(),
+        "latent_dim": cfg.latent_dim,
+        "feature_dim": cfg.feature_dim,
+        "model_config": cfg.to_dict(),
+        "onnx": {
+            "opset": OPSET,
+            "ir_version": IR_VERSION,
+            "parity_tolerance": PARITY_TOLERANCE,
+            "parity_max_abs_error": parity,
+        },
+        "graphs": graph_signatures(spec, cfg.latent_dim, cfg.feature_dim),
+        "calibration": calibration.to_dict() if calibration is not None else None,
+        "training": training,
+    }
+
+
+def write_bundle(
+    model: VAEGAN,
+    spec: ImageSpec,
+    out_dir: Path,
+    *,
+    name: str = "vaegan",
+    version: int = 1,
+    training: dict[str, Any] | None = None,
+    calibration: Calibration | None = None,
+) -> dict[str, Any]:
+    """Export the graphs (parity-checked) and write the manifest. Returns the manifest."""
+    out_dir = Path(out_dir)
+    parity = export_graphs(model, spec, out_dir)
+    training = dict(training or {})
+    training.setdefault("git_revision", git_revision())
+    manifest = build_manifest(
+        model, spec, name=name, version=version, parity=parity,
+        training=training, calibration=calibration,
+    )
+    return write_manifest(out_dir, manifest)

@@ -1,0 +1,1 @@
+"""vaegan serving: runtime (numpy + onnxruntime), gRPC server, client, batch job. No torch."""

@@ -1,0 +1,155 @@
+"""The model bundle: manifest.json + three ONNX graphs (DESIGN.md section 3).
+
+:func:`load_bundle` verifies the format version, every file's sha256 and the declared shapes
+before anything runs; a failed check raises :class:`BundleError` naming the file and the check.
+A model repository (``repo/<name>/<version>/``) resolves to its highest version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.runtime.errors import BundleError
+from service.runtime.preprocess import ImageSpec
+from service.runtime.scoring import Calibration
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GRAPHS",
+    "Bundle",
+    "graph_signatures",
+    "load_bundle",
+    "resolve_bundle_dir",
+    "sha256_file",
+    "write_manifest",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# graph name -> file name; the input/output names are fixed by graph_signatures()
+GRAPHS = {
+    "encoder": "encoder.onnx",
+    "generator": "generator.onnx",
+    "discriminator": "discriminator.onnx",
+}
+
+
+def graph_signatures(spec: ImageSpec, latent_dim: int, feature_dim: int) -> dict[str, Any]:
+    """Names and shapes of each graph's inputs and outputs; None is the dynamic batch axis."""
+    img = [None, spec.channels, spec.height, spec.width]
+    return {
+        "encoder": {
+            "inputs": {"x": img},
+            "outputs": {"mu": [None, latent_dim], "logvar": [None, latent_dim]},
+        },
+        "generator": {"inputs": {"z": [None, latent_dim]}, "outputs": {"x_hat": img}},
+        "discriminator": {
+            "inputs": {"x": img},
+            "outputs": {"logit": [None, 1], "features": [None, feature_dim]},
+        },
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``files`` with the sha256 of every graph and write manifest.json. Returns it."""
+    bundle_dir = Path(bundle_dir)
+    manifest = dict(manifest)
+    manifest["files"] = {f: sha256_file(bundle_dir / f) for f in GRAPHS.values()}
+    tmp = bundle_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.replace(bundle_dir / MANIFEST)
+    return manifest
+
+
+def _version_key(p: Path) -> tuple[int, str]:
+    return (int(p.name), "") if p.name.isdigit() else (-1, p.name)
+
+
+def resolve_bundle_dir(path: str | Path) -> Path:
+    """A bundle dir, ``repo/<name>`` (highest numeric version) or ``repo`` with one model."""
+    p = Path(path)
+    if not p.exists():
+        raise BundleError(f"{p}: no such bundle directory")
+    if (p / MANIFEST).is_file():
+        return p
+    versions = [d for d in p.iterdir() if d.is_dir() and d.name.isdigit() and (d / MANIFEST).is_file()]
+    if versions:
+        return max(versions, key=_version_key)
+    models = [d for d in p.iterdir() if d.is_dir()]
+    if len(models) == 1:
+        return resolve_bundle_dir(models[0])
+    raise BundleError(f"{p}: no {MANIFEST} here and no single model with numeric versions below")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+    spec: ImageSpec
+    latent_dim: int
+    feature_dim: int
+    calibration: Calibration | None
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", "model"))
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version", "1"))
+
+    def graph_path(self, graph: str) -> Path:
+        return self.path / GRAPHS[graph]
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read and verify a bundle; :class:`BundleError` names the file and the failed check."""
+    root = resolve_bundle_dir(path)
+    mpath = root / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: unreadable manifest ({e})") from e
+    fv = manifest.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise BundleError(f"{mpath}: format_version {fv!r} is not supported (expected {FORMAT_VERSION})")
+    try:
+        spec = ImageSpec.from_dict(manifest["image"])
+        latent_dim = int(manifest["latent_dim"])
+        feature_dim = int(manifest["feature_dim"])
+        files = dict(manifest["files"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{mpath}: missing or invalid field ({e})") from e
+    for fname in GRAPHS.values():
+        f = root / fname
+        if fname not in files:
+            raise BundleError(f"{mpath}: no sha256 entry for {fname}")
+        if not f.is_file():
+            raise BundleError(f"{f}: file missing from the bundle")
+        if verify:
+            digest = sha256_file(f)
+            if digest != files[fname]:
+                raise BundleError(
+                    f"{f}: sha256 mismatch (manifest {files[fname][:12]}..., file {digest[:12]}...)"
+                )
+    calibration = None
+    if manifest.get("calibration"):
+        try:
+            calibration = Calibration.from_dict(manifest["calibration"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{mpath}: invalid calibration ({e})") from e
+    return Bundle(root, manifest, spec, latent_dim, feature_dim, calibration)

@@ -1,0 +1,64 @@
+"""Inpainting helpers (DESIGN.md section 5): mask handling and compositing. Numpy + Pillow."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from service.runtime.errors import InvalidInput
+from service.runtime.preprocess import ImageLike, decode_image
+
+__all__ = ["border_offset", "dilate", "mask_to_size", "prepare_mask", "resize_to"]
+
+
+def prepare_mask(src: ImageLike, shape: tuple[int, int], where: str) -> np.ndarray:
+    """Any image-like mask -> bool (H, W), non-zero = fill; must match the image's (H, W)."""
+    m = decode_image(src, where=where)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    if m.shape != shape:
+        raise InvalidInput(f"{where}: mask shape {m.shape} does not match image shape {shape}")
+    return m > 0
+
+
+def resize_to(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (height, width, C), bilinear."""
+    if arr.shape[:2] == (height, width):
+        return arr
+    squeeze = arr.shape[2] == 1
+    im = Image.fromarray(arr[:, :, 0] if squeeze else arr)
+    out = np.asarray(im.resize((width, height), Image.Resampling.BILINEAR))
+    return out[:, :, None] if squeeze else out
+
+
+def mask_to_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool (H, W) -> bool (height, width); any covered pixel stays covered (area resize > 0)."""
+    if mask.shape == (height, width):
+        return mask
+    im = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(im.resize((width, height), Image.Resampling.BOX)) > 0
+
+
+def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Binary dilation of bool (..., H, W) with a (2r+1)^2 square."""
+    out = mask.copy()
+    h, w = mask.shape[-2:]
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            src = mask[..., max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+            out[..., max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)] |= src
+    return out
+
+
+def border_offset(x: np.ndarray, gen: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-image, per-channel mean of (x - gen) on the ring just outside each hole.
+
+    x, gen: float (N, C, H, W); mask: bool (N, H, W). Adding the offset to the generated fill
+    matches its brightness to the surroundings, so the seam does not show.
+    """
+    ring = dilate(mask, 2) & ~mask  # (N, H, W)
+    diff = (x - gen) * ring[:, None]
+    count = ring.sum(axis=(1, 2))[:, None]  # (N, 1)
+    off = diff.sum(axis=(2, 3)) / np.maximum(count, 1)  # (N, C)
+    off[count[:, 0] == 0] = 0.0
+    return off[:, :, None, None].astype(np.float32)

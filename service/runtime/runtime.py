@@ -1,0 +1,276 @@
+"""The runtime: a verified bundle in three ONNX Runtime sessions, and the public Python API.
+
+    rt = Runtime.load("runs/demo/bundle")
+    res = rt.score(images)          # ScoreResult
+    recon = rt.reconstruct(images)  # uint8 (N, H, W, C)
+    filled = rt.inpaint(images, masks)
+    fixed = rt.repair(images)
+
+Numpy and onnxruntime only. The server's dynamic batcher calls :meth:`Runtime.forward` on merged
+batches and :meth:`Runtime.score_forward` per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.runtime.bundle import GRAPHS, Bundle, graph_signatures, load_bundle
+from service.runtime.errors import InvalidInput, ModelNotReady
+from service.runtime.inpaint import border_offset, dilate, mask_to_size, prepare_mask, resize_to
+from service.runtime.preprocess import (
+    ImageLike,
+    decode_image,
+    denormalize,
+    normalize,
+    prepare_batch,
+    to_channels,
+)
+from service.runtime.scoring import COMPONENTS, anomaly_map, raw_components
+from service.runtime.session import Graph, resolve_providers
+
+__all__ = ["Forward", "Runtime", "ScoreResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Forward:
+    """Raw outputs of the three graphs for one normalized batch x (N, C, H, W)."""
+
+    x: np.ndarray  # (N, C, H, W) float32 normalized input
+    x_hat: np.ndarray  # (N, C, H, W) float32 reconstruction G(mu(x))
+    logit: np.ndarray  # (N, 1) discriminator logit of x
+    feat_x: np.ndarray  # (N, F) discriminator features of x
+    feat_xhat: np.ndarray  # (N, F) discriminator features of x_hat
+
+    def __getitem__(self, s: slice) -> Forward:
+        return Forward(self.x[s], self.x_hat[s], self.logit[s], self.feat_x[s], self.feat_xhat[s])
+
+
+@dataclass
+class ScoreResult:
+    """Per-image results; every array has the batch length N first."""
+
+    score: np.ndarray  # (N,) combined calibrated score (raw pixel component if uncalibrated)
+    is_outlier: np.ndarray  # (N,) bool, score > threshold
+    tail_probability: np.ndarray  # (N,) share of calibration scores >= score
+    threshold: float
+    components: dict[str, np.ndarray]  # "pixel" | "feature" | "disc" -> (N,)
+    anomaly_map: np.ndarray  # (N, H, W) float32 at model resolution
+    reconstruction: np.ndarray | None = field(default=None)  # (N, H, W, C) uint8 when asked
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+class Runtime:
+    """Scores, reconstructs and inpaints images with a bundle's three ONNX graphs."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: str = "auto",
+        intra_op_threads: int = 0,
+        max_batch_size: int = 64,
+        inpaint_iterations: int = 4,
+    ) -> None:
+        self.bundle = bundle
+        self.spec = bundle.spec
+        self.max_batch_size = max_batch_size
+        self.inpaint_iterations = inpaint_iterations
+        chosen = resolve_providers(providers)
+        sigs = graph_signatures(bundle.spec, bundle.latent_dim, bundle.feature_dim)
+        self.graphs = {
+            g: Graph(bundle.graph_path(g), sigs[g], chosen, intra_op_threads) for g in GRAPHS
+        }
+        self.providers = self.graphs["encoder"].providers
+        logger.info(
+            "loaded %s version %s from %s on %s",
+            bundle.name, bundle.version, bundle.path, self.providers[0],
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        providers: str = "auto",
+        intra_op_threads: int = 0,
+        max_batch_size: int = 64,
+        warmup: bool = True,
+    ) -> Runtime:
+        """Verify the bundle (checksums, shapes), open the sessions and warm them up."""
+        rt = cls(load_bundle(path), providers, intra_op_threads, max_batch_size)
+        if warmup:
+            rt.warmup()
+        return rt
+
+    @property
+    def provider(self) -> str:
+        """The execution provider actually used, e.g. ``CPUExecutionProvider``."""
+        return self.providers[0]
+
+    def warmup(self) -> None:
+        s = self.spec
+        self.forward(np.zeros((1, s.channels, s.height, s.width), np.float32))
+
+    # ---- low level: one ONNX Runtime run per graph --------------------------------------
+    def forward(self, x: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
+        """Run E, G and D on a normalized batch (N, C, H, W); D sees x and x_hat in one call.
+
+        ``timings``, when given, receives each graph's run time in seconds (graph name -> s).
+        """
+        mu, _ = self._run("encoder", timings, x=x)
+        (x_hat,) = self._run("generator", timings, z=mu)
+        n = x.shape[0]
+        logit, feats = self._run("discriminator", timings, x=np.concatenate([x, x_hat]))
+        return Forward(x, x_hat, logit[:n], feats[:n], feats[n:])
+
+    def _run(self, graph: str, timings: dict[str, float] | None, **feeds: np.ndarray) -> list[Any]:
+        if timings is None:
+            return self.graphs[graph].run(**feeds)
+        t0 = time.perf_counter()
+        out = self.graphs[graph].run(**feeds)
+        timings[graph] = time.perf_counter() - t0
+        return out
+
+    def forward_chunked(self, x: np.ndarray) -> Forward:
+        """:meth:`forward` in chunks of ``max_batch_size``."""
+        if len(x) <= self.max_batch_size:
+            return self.forward(x)
+        parts = [self.forward(x[i : i + self.max_batch_size]) for i in range(0, len(x), self.max_batch_size)]
+        return Forward(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "x_hat", "logit", "feat_x", "feat_xhat")))
+
+    def reconstruct_normalized(self, x: np.ndarray) -> np.ndarray:
+        """G(mu(x)) for a normalized batch; only E and G run."""
+        mu, _ = self.graphs["encoder"].run(x=x)
+        (x_hat,) = self.graphs["generator"].run(z=mu)
+        return x_hat
+
+    def score_forward(
+        self,
+        fwd: Forward,
+        weights: Mapping[str, float] | None = None,
+        threshold: float | None = None,
+        with_reconstruction: bool = False,
+    ) -> ScoreResult:
+        """Components, calibrated score and anomaly map from a :class:`Forward`."""
+        comps = raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit)
+        amap = anomaly_map(fwd.x, fwd.x_hat)
+        cal = self.bundle.calibration
+        if cal is None:  # uncalibrated bundle: the raw pixel error, no decision
+            if weights:
+                raise InvalidInput("component weights need a calibrated bundle")
+            score = comps["pixel"]
+            thr = float("inf") if threshold is None else float(threshold)
+            tail = np.full(len(score), np.nan)
+        else:
+            score = cal.combine(comps, weights)
+            thr = cal.threshold(weights) if threshold is None else float(threshold)
+            tail = cal.tail_probability(score, weights)
+        recon = denormalize(fwd.x_hat, self.spec) if with_reconstruction else None
+        return ScoreResult(score, score > thr, tail, thr, comps, amap, recon)
+
+    # ---- public API ---------------------------------------------------------------------
+    def preprocess(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
+        """Decode, resize, normalize -> float32 (N, C, H, W)."""
+        return normalize(prepare_batch(images, self.spec), self.spec)
+
+    def score(
+        self,
+        images: Sequence[ImageLike] | np.ndarray,
+        weights: Mapping[str, float] | None = None,
+        threshold: float | None = None,
+        with_reconstruction: bool = False,
+    ) -> ScoreResult:
+        """Score images: uint8 (N, H, W[, C]) arrays, PIL images, paths or encoded bytes."""
+        return self.score_forward(
+            self.forward_chunked(self.preprocess(images)), weights, threshold, with_reconstruction
+        )
+
+    def reconstruct(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) reconstructions at model resolution."""
+        x = self.preprocess(images)
+        out = [self.reconstruct_normalized(x[i : i + self.max_batch_size]) for i in range(0, len(x), self.max_batch_size)]
+        return denormalize(np.concatenate(out), self.spec)
+
+    def inpaint_normalized(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Fill ``mask`` (bool (N, H, W), True = fill) in a normalized batch (N, C, H, W).
+
+        The hole starts at the training data's mean, then ``x_k = x (1-m) + G(mu(x_{k-1})) m``
+        a few times; the fill is shifted to match the brightness of the ring around the hole.
+        """
+        m = mask[:, None].astype(np.float32)  # (N, 1, H, W)
+        fill = (np.asarray(self.spec.fill, np.float32) - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std, np.float32)
+        cur = x * (1 - m) + fill[None, :, None, None] * m
+        gen = cur
+        for _ in range(max(1, self.inpaint_iterations)):
+            gen = self.reconstruct_normalized(cur)
+            cur = x * (1 - m) + gen * m
+        gen = np.clip(gen + border_offset(x, gen, mask), -1e3, 1e3)
+        return x * (1 - m) + gen * m
+
+    def inpaint(
+        self,
+        images: Sequence[ImageLike] | np.ndarray,
+        masks: Sequence[ImageLike] | np.ndarray,
+    ) -> list[np.ndarray]:
+        """Fill the masked pixels (non-zero = fill). Returns uint8 images at each input's size;
+        pixels outside the mask are returned unchanged."""
+        originals = self._originals(images)
+        if len(masks) != len(originals):
+            raise InvalidInput(f"masks: got {len(masks)} masks for {len(originals)} images")
+        full_masks = [prepare_mask(m, o.shape[:2], f"mask {i}") for i, (m, o) in enumerate(zip(masks, originals, strict=True))]
+        return self._inpaint_originals(originals, full_masks)
+
+    def repair(
+        self, images: Sequence[ImageLike] | np.ndarray, dilation: int = 1
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Inpaint each image where its anomaly map exceeds the calibrated map threshold.
+
+        Returns (repaired images at input size, bool masks at input size).
+        """
+        cal = self.bundle.calibration
+        if cal is None:
+            raise ModelNotReady("repair needs a calibrated bundle (no map threshold)")
+        originals = self._originals(images)
+        res = self.score(originals)
+        masks_small = dilate(res.anomaly_map > cal.map_threshold, dilation)
+        masks = [mask_to_size(m, o.shape[0], o.shape[1]) for m, o in zip(masks_small, originals, strict=True)]
+        return self._inpaint_originals(originals, masks), masks
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _originals(self, images: Sequence[ImageLike] | np.ndarray) -> list[np.ndarray]:
+        """Decode to uint8 (H, W, C) with the model's channel count, keeping each size."""
+        if isinstance(images, np.ndarray):
+            images = [images] if images.ndim == 2 else list(images)
+        if len(images) == 0:
+            raise InvalidInput("images: the batch is empty")
+        out = []
+        for i, img in enumerate(images):
+            a = decode_image(img, where=f"image {i}")
+            out.append(to_channels(a, self.spec.channels))
+        return out
+
+    def _inpaint_originals(self, originals: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+        s = self.spec
+        small = np.stack([resize_to(o, s.height, s.width) for o in originals])  # (N, h, w, C)
+        small_masks = np.stack([mask_to_size(m, s.height, s.width) for m in masks])  # (N, h, w)
+        x = normalize(small, s)
+        filled = []
+        for i in range(0, len(x), self.max_batch_size):
+            sl = slice(i, i + self.max_batch_size)
+            filled.append(self.inpaint_normalized(x[sl], small_masks[sl]))
+        filled_u8 = denormalize(np.concatenate(filled), s)  # (N, h, w, C)
+        out = []
+        for o, m, f in zip(originals, masks, filled_u8, strict=True):
+            up = resize_to(f, o.shape[0], o.shape[1])
+            out.append(np.where(m[:, :, None], up, o))
+        return out
+

@@ -1,0 +1,95 @@
+"""Shapes, dtypes and the training step of the three networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
+from trainer.step import Losses, Optimizers, random_masks, train_step
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (1, 64), (3, 100), (3, 256)])
+def test_shapes_and_dtypes(channels: int, size: int) -> None:
+    cfg = ModelConfig(num_channels=channels, image_size=size, latent_dim=8, base_width=4)
+    m = VAEGAN(cfg).eval()
+    x = torch.rand(2, channels, size, size) * 2 - 1
+    mu, logvar = m.encoder(x)
+    assert mu.shape == logvar.shape == (2, 8) and mu.dtype == torch.float32
+    x_hat = m.generator(mu)
+    assert x_hat.shape == x.shape
+    assert float(x_hat.detach().abs().max()) <= 1.0  # tanh range
+    logit, feats = m.discriminator(x)
+    assert logit.shape == (2, 1)
+    assert feats.shape == (2, cfg.feature_dim)
+    assert cfg.work_size % 2**cfg.num_stages == 0 and cfg.bottom_size >= 2
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        ModelConfig(image_size=20)
+    with pytest.raises(ValueError, match="num_channels"):
+        ModelConfig(num_channels=2)
+    assert ModelConfig.from_dict(ModelConfig(latent_dim=7).to_dict()).latent_dim == 7
+
+
+def test_reconstruct_is_deterministic() -> None:
+    m = VAEGAN(ModelConfig(num_channels=1, image_size=28, latent_dim=8, base_width=4)).eval()
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    assert torch.equal(m.reconstruct(x), m.reconstruct(x))
+
+
+def test_losses_known_values() -> None:
+    kl = KLDivergence(weight=2.0)
+    assert float(kl(torch.zeros(4, 3), torch.zeros(4, 3))) == 0.0
+    # mu = 1 in each of 3 dims: KL = 0.5 * 3 per sample
+    assert float(kl(torch.ones(4, 3), torch.zeros(4, 3))) == pytest.approx(2.0 * 1.5)
+    rec = ReconstructionLoss(feature_weight=2.0, pixel_weight=3.0)
+    f, p = rec(torch.zeros(2, 4), torch.ones(2, 4), torch.zeros(2, 5), torch.full((2, 5), 2.0))
+    assert float(f) == pytest.approx(8.0) and float(p) == pytest.approx(3.0)
+    # a perfect D: BCE on confident logits, LSGAN on exact 1/0 outputs
+    for kind, real_v, fake_v in (("bce", 10.0, -10.0), ("lsgan", 1.0, 0.0)):
+        adv = AdversarialLoss(kind)
+        real, fake = torch.full((4, 1), real_v), torch.full((4, 1), fake_v)
+        assert float(adv.discriminator_loss(real, fake, fake)) < 0.01
+        assert float(adv.generator_loss(fake)) >= 1.0  # fooled nobody
+        assert float(adv.generator_loss(real)) < 0.01  # fooled D completely
+    assert float(AdversarialLoss("none").generator_loss(torch.zeros(4, 1))) == 0.0
+
+
+def _setup(seed: int = 0, adv: str = "bce"):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(num_channels=1, image_size=28, latent_dim=8, base_width=8)
+    m = VAEGAN(cfg)
+    opt = Optimizers(*(torch.optim.Adam(n.parameters(), lr=1e-3, betas=(0.5, 0.999)) for n in (m.encoder, m.generator, m.discriminator)))
+    losses = Losses(KLDivergence(1.0 / 784), ReconstructionLoss(1.0, 1.0), AdversarialLoss(adv, 0.01))
+    return m, opt, losses
+
+
+@pytest.mark.parametrize("adv", ["bce", "lsgan", "none"])
+def test_train_step_lowers_loss_on_fixed_batch(adv: str) -> None:
+    m, opt, losses = _setup(adv=adv)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(16, 1, 28, 28, generator=g) > 0.7).float() * 2 - 1
+    first = train_step(m, x, opt, losses)
+    assert set(first) == {"kl", "recon_feature", "recon_pixel", "adv_g", "adv_d"}
+    for _ in range(30):
+        last = train_step(m, x, opt, losses)
+    assert last["recon_pixel"] < 0.7 * first["recon_pixel"]
+
+
+def test_train_step_updates_each_network_with_its_own_loss() -> None:
+    m, opt, losses = _setup()
+    before = {k: [p.detach().clone() for p in getattr(m, k).parameters()] for k in ("encoder", "generator", "discriminator")}
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    train_step(m, x, opt, losses, mask=random_masks(8, 28))
+    for k, ps in before.items():
+        changed = any(not torch.equal(a, b) for a, b in zip(ps, getattr(m, k).parameters(), strict=True))
+        assert changed, f"{k} was not updated"
+
+
+def test_random_masks_cover_a_rectangle() -> None:
+    m = random_masks(50, 32, generator=torch.Generator().manual_seed(0))
+    assert m.shape == (50, 1, 32, 32)
+    area = m.sum(dim=(1, 2, 3))
+    assert bool((area >= 16).all()) and bool((area <= 16 * 16).all())

@@ -1,0 +1,45 @@
+"""The serving side never loads torch (the serving image has none)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_service_imports_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "import service, service.runtime\n"
+        "from service.runtime import Runtime\n"
+        "import vaegan.cli\n"
+        "vaegan.cli.build_parser()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'models', 'trainer', 'export'))\n"
+        "assert not bad, bad\n"
+        "print('clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clean"
+
+
+def test_bundle_loads_in_a_process_that_blocks_torch(tiny_bundle: Path) -> None:
+    """Make torch unimportable, then load and score the bundle: serving needs no torch."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np\n"
+        "from service.runtime import Runtime\n"
+        f"rt = Runtime.load({str(tiny_bundle)!r})\n"
+        "res = rt.score(np.zeros((2, 32, 32, 3), np.uint8))\n"
+        "print(len(res.score), res.is_outlier.dtype)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "bool"]

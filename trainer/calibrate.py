@@ -1,0 +1,71 @@
+"""Calibration on held-out normal images, through the exact ONNX scoring path that serves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.runtime import Calibration, Runtime
+from service.runtime.bundle import load_bundle, write_manifest
+from service.runtime.preprocess import normalize
+from service.runtime.scoring import COMPONENTS, anomaly_map, raw_components
+
+__all__ = ["DEFAULT_WEIGHTS", "calibrate_bundle", "components_of"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = {"pixel": 1.0, "feature": 1.0, "disc": 1.0}
+
+
+def components_of(rt: Runtime, images: np.ndarray, batch: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Raw components and anomaly maps of uint8 (N, H, W, C) images at model size."""
+    comps: dict[str, list[np.ndarray]] = {k: [] for k in COMPONENTS}
+    maps = []
+    for i in range(0, len(images), batch):
+        x = normalize(images[i : i + batch], rt.spec)
+        fwd = rt.forward(x)
+        for k, v in raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit).items():
+            comps[k].append(v)
+        maps.append(anomaly_map(fwd.x, fwd.x_hat))
+    return {k: np.concatenate(v) for k, v in comps.items()}, np.concatenate(maps)
+
+
+def calibrate_bundle(
+    bundle_dir: str | Path,
+    normal_images: np.ndarray,
+    *,
+    target_fpr: float = 0.01,
+    weights: dict[str, float] | None = None,
+    selection: dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    bump_version: bool = False,
+) -> Calibration:
+    """Fit the calibration on normal images (uint8 (N, H, W, C), model size) and store it.
+
+    Writes into ``out_dir`` (default: the bundle itself) with the sha256 entries recomputed;
+    ``bump_version`` increments the manifest's version (recalibrating an existing bundle).
+    """
+    bundle = load_bundle(bundle_dir)
+    rt = Runtime(bundle, providers="cpu")
+    comps, maps = components_of(rt, normal_images)
+    cal = Calibration.fit(comps, weights or DEFAULT_WEIGHTS, target_fpr=target_fpr, maps=maps, selection=selection)
+    manifest = dict(bundle.manifest)
+    manifest["calibration"] = cal.to_dict()
+    if bump_version:
+        manifest["version"] = int(manifest.get("version", 1)) + 1
+    dest = Path(out_dir) if out_dir is not None else bundle.path
+    if dest != bundle.path:
+        import shutil
+
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in bundle.manifest["files"]:
+            shutil.copy2(bundle.path / f, dest / f)
+    write_manifest(dest, manifest)
+    logger.info(
+        "calibrated on %d normal images: threshold %.3f at target FPR %.3f",
+        cal.n, cal.threshold(), target_fpr,
+    )
+    return cal

@@ -1,0 +1,52 @@
+"""Training hyperparameters: one frozen dataclass, saved inside every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "synthetic"  # synthetic | mnist | fashion-mnist | cifar10 | folder
+    data_root: str | None = None  # folder of the dataset files (not needed for synthetic)
+    normal_class: int | None = None  # one-class protocol: train on this class only
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-4  # Adam, the same for E, G and D
+    beta1: float = 0.5
+    beta2: float = 0.999
+    kl_weight: float = 1.0  # KL per pixel element (so it compares with the per-element MSEs)
+    feature_weight: float = 1.0  # Larsen's reconstruction in D's feature layer
+    pixel_weight: float = 1.0  # plain pixel MSE
+    adv_weight: float = 0.01  # adversarial term for G (and the scale of D's loss)
+    adv_loss: str = "bce"  # bce | lsgan | none (plain VAE)
+    mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
+    val_fraction: float = 0.1  # held-out normal images for calibration, never trained on
+    max_train: int | None = None  # cap on training images (quick runs)
+    target_fpr: float = 0.01  # calibration threshold = (1 - target_fpr) quantile
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0  # DataLoader workers
+
+    def __post_init__(self) -> None:
+        if self.adv_loss not in ("bce", "lsgan", "none"):
+            raise ValueError(f"adv_loss must be bce, lsgan or none, got {self.adv_loss!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

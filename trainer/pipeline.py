@@ -1,0 +1,130 @@
+"""Train -> export -> calibrate, as ``vaegan train`` runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models import ModelConfig
+from service.runtime.preprocess import ImageSpec
+from trainer.config import TrainConfig
+from trainer.data import NATIVE, ImageSet, load_dataset
+from trainer.loop import RunResult, fit, split_normal
+
+__all__ = ["TrainOutcome", "export_checkpoint", "image_spec_for", "load_split", "train_and_export"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run: RunResult
+    bundle_dir: Path
+
+
+def image_spec_for(dataset: str, image_size: int | None, channels: int | None) -> ImageSpec:
+    """Model input spec: the dataset's native channels/size unless overridden."""
+    native_c, native_s = NATIVE[dataset]
+    size = image_size or native_s
+    return ImageSpec(channels=channels or native_c, height=size, width=size, mean=(0.5,), std=(0.5,))
+
+
+def load_split(cfg: TrainConfig, spec: ImageSpec) -> tuple[ImageSet, ImageSet]:
+    """The normal training images and the held-out calibration images, deterministically.
+
+    The same (dataset, root, normal class, seed, val_fraction) always gives the same split, so
+    ``vaegan export`` can calibrate a checkpoint on exactly the images training held out.
+    """
+    data = load_dataset(cfg.dataset, cfg.data_root, "train", spec, seed=cfg.seed)
+    if cfg.normal_class is not None:
+        keep = (data.labels == cfg.normal_class).nonzero()[0]
+        if len(keep) == 0:
+            raise ValueError(f"--normal-class {cfg.normal_class}: no such class in {cfg.dataset}")
+        data = data.subset(keep)
+    train, val = split_normal(data, cfg.val_fraction, cfg.seed)
+    if cfg.max_train is not None and len(train) > cfg.max_train:
+        train = train.subset(np.arange(cfg.max_train))
+    return train, val
+
+
+def training_summary(cfg: TrainConfig, history: list[dict[str, float]], n_train: int, n_val: int) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    return {
+        "dataset": cfg.dataset,
+        "normal_class": cfg.normal_class,
+        "epochs": int(last.get("epoch", 0)),
+        "seed": cfg.seed,
+        "n_train": n_train,
+        "n_calibration": n_val,
+        "losses": {k: v for k, v in last.items() if k not in ("epoch", "seconds")},
+        "train_seconds": last.get("seconds"),
+        "train_config": cfg.to_dict(),
+    }
+
+
+def export_checkpoint(
+    checkpoint: Path, out_dir: Path, *, name: str | None = None, version: int = 1, calibrate: bool = True
+) -> dict[str, Any]:
+    """``vaegan export``: ONNX + manifest from a checkpoint; calibrated on the held-out split
+    that training used (rebuilt from the configs inside the checkpoint) unless told not to."""
+    from export import write_bundle
+    from trainer.calibrate import calibrate_bundle
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
+    spec = ImageSpec.from_dict(ckpt["image_spec"])
+    model = model_from_checkpoint(ckpt)
+    history = list(ckpt["history"])
+    n_train = n_val = 0
+    val = None
+    if calibrate:
+        train, val = load_split(cfg, spec)
+        n_train, n_val = len(train), len(val)
+    default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
+    manifest = write_bundle(
+        model, spec, out_dir, name=name or default_name, version=version,
+        training=training_summary(cfg, history, n_train, n_val),
+    )
+    if val is not None:
+        calibrate_bundle(out_dir, val.images, target_fpr=cfg.target_fpr)
+    return manifest
+
+
+def train_and_export(
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    spec: ImageSpec,
+    run_dir: Path,
+    *,
+    name: str | None = None,
+    resume: bool = False,
+    tensorboard: bool = False,
+    progress: bool = True,
+) -> TrainOutcome:
+    """The whole ``vaegan train``: load data, fit, export ``run_dir/bundle``, calibrate it."""
+    from export import write_bundle
+    from trainer.calibrate import calibrate_bundle
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+
+    train, val = load_split(cfg, spec)
+    logger.info("training on %d normal images, %d held out for calibration", len(train), len(val))
+    fill = tuple(float(v) for v in (train.images.reshape(-1, spec.channels).mean(0) / 255.0))
+    spec = dataclasses.replace(spec, fill=fill)
+
+    run = fit(cfg, model_cfg, spec, train, val, run_dir, resume=resume, tensorboard=tensorboard, progress=progress)
+    ckpt = load_checkpoint(run.checkpoint)
+    model = model_from_checkpoint(ckpt)
+    bundle_dir = run_dir / "bundle"
+    training = training_summary(cfg, run.history, len(train), len(val))
+    default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
+    write_bundle(model, spec, bundle_dir, name=name or default_name, version=1, training=training)
+    calibrate_bundle(bundle_dir, val.images, target_fpr=cfg.target_fpr)
+    (run_dir / "history.json").write_text(json.dumps(run.history, indent=2) + "\n")
+    return TrainOutcome(run, bundle_dir)

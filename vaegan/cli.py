@@ -1,0 +1,212 @@
+"""``vaegan`` — one entry point. Every subcommand imports its heavy modules lazily, so
+``vaegan serve`` and ``vaegan score`` run without torch installed.
+
+Errors the user can fix (bad arguments, missing files, a bad bundle) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+__all__ = ["main"]
+
+logger = logging.getLogger("vaegan")
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-fixable problem: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (plus a --help hint), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"VAEGAN_{name}", default)
+
+
+# ---- train ------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fit a VAE-GAN on normal images, export and calibrate a bundle",
+                       description="Fit on normal images; writes checkpoints, logs and RUN_DIR/bundle/.")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "mnist", "fashion-mnist", "cifar10", "folder"])
+    p.add_argument("--data-root", type=Path, help="folder with the dataset files (not for synthetic)")
+    p.add_argument("--normal-class", type=int, help="one-class protocol: train on this class id only")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, bundle/)")
+    p.add_argument("--name", help="bundle name (default: dataset[-class])")
+    _add_model_flags(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--kl-weight", type=float, default=1.0, help="KL weight per pixel element")
+    g.add_argument("--feature-weight", type=float, default=1.0, help="reconstruction in D's feature layer")
+    g.add_argument("--pixel-weight", type=float, default=1.0, help="pixel MSE reconstruction")
+    g.add_argument("--adv-weight", type=float, default=0.01, help="adversarial weight (0 or --adv-loss none: plain VAE)")
+    g.add_argument("--adv-loss", default="bce", choices=["bce", "lsgan", "none"])
+    g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out normals for calibration")
+    g.add_argument("--max-train", type=int, help="cap the number of training images")
+    g.add_argument("--target-fpr", type=float, default=0.01)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars and image grids")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--image-size", type=int, help="model image side, 28..256 (default: the dataset's)")
+    g.add_argument("--channels", type=int, choices=[1, 3], help="model channels (default: the dataset's)")
+    g.add_argument("--latent-dim", type=int, default=64)
+    g.add_argument("--base-width", type=int, default=32)
+    g.add_argument("--no-spectral-norm", action="store_true", help="plain discriminator layers")
+
+
+def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three configs
+    from models import ModelConfig
+    from trainer.config import TrainConfig
+    from trainer.pipeline import image_spec_for
+
+    if a.dataset != "synthetic" and a.data_root is None:
+        raise CliError(f"--data-root is required for --dataset {a.dataset}")
+    try:
+        cfg = TrainConfig(
+            dataset=a.dataset, data_root=str(a.data_root) if a.data_root else None,
+            normal_class=a.normal_class, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+            kl_weight=a.kl_weight, feature_weight=a.feature_weight, pixel_weight=a.pixel_weight,
+            adv_weight=a.adv_weight, adv_loss=a.adv_loss, mask_prob=a.mask_prob,
+            val_fraction=a.val_fraction, max_train=a.max_train, target_fpr=a.target_fpr,
+            seed=a.seed, device=a.device, num_workers=a.num_workers,
+        )
+        spec = image_spec_for(a.dataset, a.image_size, a.channels)
+        model_cfg = ModelConfig(
+            num_channels=spec.channels, image_size=spec.height, latent_dim=a.latent_dim,
+            base_width=a.base_width, spectral_norm=not a.no_spectral_norm,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    return cfg, model_cfg, spec
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from trainer.pipeline import train_and_export
+
+    cfg, model_cfg, spec = _train_configs(a)
+    out = train_and_export(
+        cfg, model_cfg, spec, a.out, name=a.name, resume=a.resume,
+        tensorboard=a.tensorboard, progress=not a.no_progress,
+    )
+    last = out.run.history[-1] if out.run.history else {}
+    print(f"trained {out.run.epochs} epochs in {out.run.seconds:.0f} s "
+          f"(val pixel {last.get('val_pixel', float('nan')):.4f}); bundle: {out.bundle_dir}")
+    return 0
+
+
+# ---- export -----------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to an ONNX bundle (parity-checked)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by vaegan train")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--name", help="bundle name (default: dataset[-class])")
+    p.add_argument("--version", type=int, default=1, help="bundle version (a positive integer)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip calibration on the training run's held-out normals")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from trainer.pipeline import export_checkpoint
+
+    if not a.checkpoint.is_file():
+        raise CliError(f"--checkpoint {a.checkpoint}: no such file")
+    if a.version < 1:
+        raise CliError("--version must be a positive integer")
+    manifest = export_checkpoint(a.checkpoint, a.out, name=a.name, version=a.version, calibrate=not a.no_calibrate)
+    errs = ", ".join(f"{k} {v:.1e}" for k, v in manifest["onnx"]["parity_max_abs_error"].items())
+    print(f"wrote {a.out} ({manifest['name']} v{manifest['version']}; parity max abs error: {errs})")
+    return 0
+
+
+# ---- serve ------------------------------------------------------------------------------
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC service and /metrics")
+    try:
+        from service.server.main import add_serve_arguments
+    except ImportError:  # the server package is not installed in this build
+        p.set_defaults(func=lambda a: _fail("the gRPC server is not available in this installation"))
+        return
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from service.server.main import run_serve
+
+    return run_serve(a)
+
+
+# ---- demo -------------------------------------------------------------------------------
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="end to end on the built-in synthetic data: train, export, serve, score, pictures")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--max-train", type=int, default=3000, help="training images (default 3000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from vaegan.demo import run_demo
+
+    return run_demo(a.out, epochs=a.epochs, max_train=a.max_train, seed=a.seed)
+
+
+def _fail(msg: str) -> int:
+    raise CliError(msg)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_export, _add_serve, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vaegan", description="VAE-GAN anomaly detection and inpainting.")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (env VAEGAN_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from service.runtime.errors import ServiceError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ServiceError, FileNotFoundError, ValueError) as e:
+        logger.debug("%s failed", args.command, exc_info=True)
+        print(f"vaegan {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
