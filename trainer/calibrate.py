@@ -12,13 +12,11 @@ from service.runtime import Calibration, Runtime
 from service.runtime.bundle import load_bundle, write_manifest
 from service.runtime.preprocess import normalize
 from service.runtime.scoring import COMPONENTS, anomaly_map, raw_components
+from trainer.selection import corrupt, select_weights
 
-__all__ = ["DEFAULT_WEIGHTS", "calibrate_bundle", "components_of"]
+__all__ = ["calibrate_bundle", "components_of"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_WEIGHTS = {"pixel": 1.0, "feature": 1.0, "disc": 1.0}
-
 
 def components_of(rt: Runtime, images: np.ndarray, batch: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Raw components and anomaly maps of uint8 (N, H, W, C) images at model size."""
@@ -40,18 +38,27 @@ def calibrate_bundle(
     target_fpr: float = 0.01,
     weights: dict[str, float] | None = None,
     selection: dict[str, Any] | None = None,
+    seed: int = 0,
     out_dir: str | Path | None = None,
     bump_version: bool = False,
 ) -> Calibration:
     """Fit the calibration on normal images (uint8 (N, H, W, C), model size) and store it.
 
-    Writes into ``out_dir`` (default: the bundle itself) with the sha256 entries recomputed;
+    ``weights=None`` chooses them without labels (:func:`trainer.selection.select_weights`: the
+    weighting that best separates these normals from corrupted copies of them). Writes into
+    ``out_dir`` (default: the bundle itself) with the sha256 entries recomputed;
     ``bump_version`` increments the manifest's version (recalibrating an existing bundle).
     """
     bundle = load_bundle(bundle_dir)
     rt = Runtime(bundle, providers="cpu")
     comps, maps = components_of(rt, normal_images)
-    cal = Calibration.fit(comps, weights or DEFAULT_WEIGHTS, target_fpr=target_fpr, maps=maps, selection=selection)
+    if weights is None:
+        corrupted, _ = components_of(rt, corrupt(normal_images, seed=seed)[0])
+        weights, report = select_weights(comps, corrupted)
+        selection = {**report, **(selection or {})}
+    else:
+        selection = {"method": "given", **(selection or {})}
+    cal = Calibration.fit(comps, weights, target_fpr=target_fpr, maps=maps, selection=selection)
     manifest = dict(bundle.manifest)
     manifest["calibration"] = cal.to_dict()
     if bump_version:
@@ -65,7 +72,7 @@ def calibrate_bundle(
             shutil.copy2(bundle.path / f, dest / f)
     write_manifest(dest, manifest)
     logger.info(
-        "calibrated on %d normal images: threshold %.3f at target FPR %.3f",
-        cal.n, cal.threshold(), target_fpr,
+        "calibrated on %d normal images: weights %s, threshold %.3f at target FPR %.3f",
+        cal.n, cal.weights, cal.threshold(), target_fpr,
     )
     return cal

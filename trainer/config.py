@@ -27,6 +27,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # held-out normal images for calibration, never trained on
     max_train: int | None = None  # cap on training images (quick runs)
     target_fpr: float = 0.01  # calibration threshold = (1 - target_fpr) quantile
+    select_checkpoint: str = "best"  # best (label-free selection signal) | last
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0  # DataLoader workers
@@ -40,6 +41,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        if self.select_checkpoint not in ("best", "last"):
+            raise ValueError(f"select_checkpoint must be best or last, got {self.select_checkpoint!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

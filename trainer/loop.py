@@ -21,9 +21,10 @@ from service.runtime.preprocess import ImageSpec
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
+from trainer.selection import corrupt, select_weights
 from trainer.step import Losses, Optimizers, random_masks, train_step
 
-__all__ = ["RunResult", "fit", "resolve_device", "split_normal", "to_tensor"]
+__all__ = ["RunResult", "components_torch", "fit", "resolve_device", "split_normal", "to_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,19 +81,33 @@ def _build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
 
 
 @torch.no_grad()
-def _validate(model: VAEGAN, x_val: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """Reconstruction errors on held-out normals (deterministic path, eval mode)."""
+def components_torch(model: VAEGAN, x_all: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
+    """The three raw score components (DESIGN.md section 4) in torch, eval mode."""
+    was_training = model.training
     model.eval()
-    pix, feat = [], []
-    for i in range(0, len(x_val), 256):
-        x = x_val[i : i + 256].to(device)
+    out: dict[str, list[torch.Tensor]] = {"pixel": [], "feature": [], "disc": []}
+    for i in range(0, len(x_all), 256):
+        x = x_all[i : i + 256].to(device)
         x_hat = model.reconstruct(x)
-        _, f = model.discriminator(x)
+        logit, f = model.discriminator(x)
         _, f_hat = model.discriminator(x_hat)
-        pix.append(((x - x_hat) ** 2).flatten(1).mean(1).cpu())
-        feat.append(((f - f_hat) ** 2).mean(1).cpu())
-    model.train()
-    return {"val_pixel": float(torch.cat(pix).mean()), "val_feature": float(torch.cat(feat).mean())}
+        out["pixel"].append(((x - x_hat) ** 2).flatten(1).mean(1).cpu())
+        out["feature"].append(((f - f_hat) ** 2).mean(1).cpu())
+        out["disc"].append(torch.nn.functional.softplus(-logit.flatten()).cpu())
+    model.train(was_training)
+    return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+
+
+def _validate(model: VAEGAN, x_val: torch.Tensor, x_corrupt: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Held-out normal reconstruction errors, and how well the best weighting separates the
+    held-out normals from corrupted copies (the label-free model-selection signal)."""
+    normal = components_torch(model, x_val, device)
+    corrupted = components_torch(model, x_corrupt, device)
+    weights, report = select_weights(normal, corrupted)
+    row = {"val_pixel": float(normal["pixel"].mean()), "val_feature": float(normal["feature"].mean()),
+           "val_selection_auroc": report["selection_auroc"]}
+    row.update({f"val_sep_{k}": v for k, v in report["component_auroc"].items()})
+    return row
 
 
 def _log_images(writer: Any, model: VAEGAN, x: torch.Tensor, epoch: int) -> None:
@@ -140,6 +155,7 @@ def fit(
         logger.info("resumed from epoch %d", start_epoch)
 
     x_train, x_val = to_tensor(train.images, spec), to_tensor(val.images, spec)
+    x_corrupt = to_tensor(corrupt(val.images, seed=cfg.seed)[0], spec)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     writer = None
     if tensorboard:
@@ -172,7 +188,7 @@ def fit(
                 for k, v in terms.items():
                     writer.add_scalar(f"train/{k}", v, epoch * steps_per_epoch + step)
         n_steps = max(1, step + 1)
-        row = {"epoch": epoch + 1, **{k: v / n_steps for k, v in sums.items()}, **_validate(model, x_val, device)}
+        row = {"epoch": epoch + 1, **{k: v / n_steps for k, v in sums.items()}, **_validate(model, x_val, x_corrupt, device)}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))

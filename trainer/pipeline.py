@@ -53,6 +53,17 @@ def load_split(cfg: TrainConfig, spec: ImageSpec) -> tuple[ImageSet, ImageSet]:
     return train, val
 
 
+def select_checkpoint(run: RunResult, how: str) -> Path:
+    """``last``, or the epoch whose held-out normals are best separated from their corrupted
+    copies (``val_selection_auroc``); no test labels involved."""
+    if how == "last" or not run.history:
+        return run.checkpoint
+    best = max(run.history, key=lambda r: r.get("val_selection_auroc", float("-inf")))
+    path = run.checkpoint.parent / f"epoch_{int(best['epoch']):03d}.pt"
+    logger.info("selected epoch %d (selection AUROC %.4f)", best["epoch"], best.get("val_selection_auroc", float("nan")))
+    return path if path.is_file() else run.checkpoint
+
+
 def training_summary(cfg: TrainConfig, history: list[dict[str, float]], n_train: int, n_val: int) -> dict[str, Any]:
     last = history[-1] if history else {}
     return {
@@ -93,7 +104,7 @@ def export_checkpoint(
         training=training_summary(cfg, history, n_train, n_val),
     )
     if val is not None:
-        calibrate_bundle(out_dir, val.images, target_fpr=cfg.target_fpr)
+        calibrate_bundle(out_dir, val.images, target_fpr=cfg.target_fpr, seed=cfg.seed)
     return manifest
 
 
@@ -119,12 +130,14 @@ def train_and_export(
     spec = dataclasses.replace(spec, fill=fill)
 
     run = fit(cfg, model_cfg, spec, train, val, run_dir, resume=resume, tensorboard=tensorboard, progress=progress)
-    ckpt = load_checkpoint(run.checkpoint)
+    chosen = select_checkpoint(run, cfg.select_checkpoint)
+    ckpt = load_checkpoint(chosen)
     model = model_from_checkpoint(ckpt)
     bundle_dir = run_dir / "bundle"
-    training = training_summary(cfg, run.history, len(train), len(val))
+    training = training_summary(cfg, ckpt["history"], len(train), len(val))
+    training["selected_checkpoint"] = chosen.name
     default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
     write_bundle(model, spec, bundle_dir, name=name or default_name, version=1, training=training)
-    calibrate_bundle(bundle_dir, val.images, target_fpr=cfg.target_fpr)
+    calibrate_bundle(bundle_dir, val.images, target_fpr=cfg.target_fpr, seed=cfg.seed)
     (run_dir / "history.json").write_text(json.dumps(run.history, indent=2) + "\n")
     return TrainOutcome(run, bundle_dir)

@@ -81,9 +81,9 @@ def train_step(
         z = reparameterize(mu, logvar)
         x_rec = G(z)
         x_prior = G(torch.randn_like(mu))
-        logit_real, _ = D(x)
-        logit_rec, _ = D(x_rec.detach())
-        logit_prior, _ = D(x_prior.detach())
+        # D has no batch statistics, so one call on the three batches equals three calls
+        logits, _ = D(torch.cat([x, x_rec.detach(), x_prior.detach()]))  # (3B, 1)
+        logit_real, logit_rec, logit_prior = logits.chunk(3)
         loss_d = losses.adv.discriminator_loss(logit_real, logit_rec, logit_prior)
     _zero_grad(D)
     loss_d.float().backward()
@@ -91,9 +91,9 @@ def train_step(
 
     # ---- encoder and generator -----------------------------------------------------------
     with amp:
-        _, feat_real = D(x)
-        logit_rec, feat_rec = D(x_rec)
-        logit_prior, _ = D(x_prior)
+        logits, feats = D(torch.cat([x, x_rec, x_prior]))  # (3B, 1), (3B, F)
+        _, logit_rec, logit_prior = logits.chunk(3)
+        feat_real, feat_rec, _ = feats.chunk(3)
         kl = losses.kl(mu.float(), logvar.float())
         rec_feature, rec_pixel = losses.recon(x, x_rec, feat_real, feat_rec)
         adv_g = losses.adv.generator_loss(logit_rec, logit_prior)

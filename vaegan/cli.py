@@ -142,6 +142,110 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- calibrate / evaluate -------------------------------------------------------------
+def _add_data_source(p: argparse.ArgumentParser, *, pair: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["synthetic", "mnist", "fashion-mnist", "cifar10", "folder"])
+    g.add_argument("--data-root", type=Path)
+    g.add_argument("--normal-class", type=int, help="the normal class (others are anomalies)")
+    g.add_argument("--split", default="test", choices=["train", "test"])
+    g.add_argument("--limit", type=int, help="use at most this many images")
+    if pair:
+        g.add_argument("--normal", type=Path, help="folder of normal images")
+        g.add_argument("--anomalous", type=Path, help="folder of anomalous images")
+        g.add_argument("--masks", type=Path, help="defect masks, same file names as --anomalous")
+    else:
+        g.add_argument("--data", type=Path, help="folder of normal images")
+
+
+def _load_eval_data(a: argparse.Namespace, spec, pair: bool):  # noqa: ANN001, ANN202
+    from trainer.data import load_dataset, load_folder_pair
+
+    if pair and a.normal is not None:
+        if a.anomalous is None:
+            raise CliError("--normal needs --anomalous")
+        return load_folder_pair(a.normal, a.anomalous, a.masks, spec)
+    if not pair and a.data is not None:
+        return load_dataset("folder", a.data, a.split, spec, limit=a.limit)
+    if a.dataset is None:
+        raise CliError("give --dataset (with --normal-class) or " + ("--normal/--anomalous" if pair else "--data"))
+    if a.dataset != "synthetic" and a.data_root is None:
+        raise CliError(f"--data-root is required for --dataset {a.dataset}")
+    data = load_dataset(a.dataset, a.data_root, a.split, spec, limit=a.limit)
+    if a.normal_class is not None:
+        if not pair:
+            data = data.subset((data.labels == a.normal_class).nonzero()[0])
+        else:
+            import numpy as np
+
+            data.labels = (data.labels != a.normal_class).astype(np.int64)
+    elif a.dataset != "synthetic":
+        raise CliError("--normal-class is required for a labelled dataset")
+    return data
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="recalibrate a bundle on new normal data (new version)")
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--out", type=Path, help="write the recalibrated bundle here (default: in place)")
+    p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--weights", help="fixed weights pixel,feature,disc (default: chosen without labels)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_source(p, pair=False)
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from service.runtime.bundle import load_bundle
+    from trainer.calibrate import calibrate_bundle
+
+    bundle = load_bundle(a.model)
+    weights = None
+    if a.weights:
+        try:
+            vals = [float(v) for v in a.weights.split(",")]
+        except ValueError as e:
+            raise CliError(f"--weights: expected three numbers, got {a.weights!r}") from e
+        if len(vals) != 3:
+            raise CliError(f"--weights: expected three numbers, got {len(vals)}")
+        weights = dict(zip(("pixel", "feature", "disc"), vals, strict=True))
+    data = _load_eval_data(a, bundle.spec, pair=False)
+    if len(data) < 20:
+        raise CliError(f"calibration needs at least 20 normal images, got {len(data)}")
+    cal = calibrate_bundle(a.model, data.images, target_fpr=a.target_fpr, weights=weights,
+                           seed=a.seed, out_dir=a.out, bump_version=True)
+    print(f"calibrated on {cal.n} images: weights {cal.weights}, threshold {cal.threshold():.3f} "
+          f"(target FPR {cal.target_fpr}); bundle: {a.out or a.model}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="AUROC/AUPRC/F1, report.json and plots for a bundle")
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json and PNGs")
+    p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    p.add_argument("--no-progress", action="store_true")
+    _add_data_source(p, pair=True)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from service.runtime import Runtime
+    from trainer.evaluate import evaluate, write_report
+
+    rt = Runtime.load(a.model, providers=a.providers)
+    data = _load_eval_data(a, rt.spec, pair=True)
+    ev = evaluate(rt, data, progress=not a.no_progress)
+    write_report(ev, data, a.out)
+    r = ev.report
+    comp = ", ".join(f"{k} {v:.3f}" for k, v in r["component_auroc"].items())
+    print(f"image AUROC {r['image_auroc']:.4f}  AUPRC {r['image_auprc']:.4f}  F1 {r['f1']:.3f}  "
+          f"FPR {r['fpr_at_threshold']:.3f} TPR {r['tpr_at_threshold']:.3f} at threshold {r['threshold']:.2f}")
+    print(f"components alone: {comp}" + (f"; pixel AUROC {r['pixel_auroc']:.4f}" if r["pixel_auroc"] is not None else ""))
+    print(f"wrote {a.out}/report.json")
+    return 0
+
+
 # ---- serve ------------------------------------------------------------------------------
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC service and /metrics")
@@ -180,7 +284,9 @@ def _fail(msg: str) -> int:
     raise CliError(msg)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_export, _add_serve, _add_demo]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_export, _add_calibrate, _add_evaluate, _add_serve, _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

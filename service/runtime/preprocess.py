@@ -31,7 +31,7 @@ __all__ = [
 
 RESIZE_POLICIES = ("resize", "center_crop")
 
-ImageLike = Union[np.ndarray, Image.Image, str, Path, bytes]
+ImageLike = Union[np.ndarray, Image.Image, str, Path, bytes]  # noqa: UP007 - a runtime alias
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,9 @@ def _check_array(arr: np.ndarray, where: str) -> np.ndarray:
 
 
 def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W) or (H, W, 3) -> (H, W, channels)."""
+    """(H, W), (H, W, 1) or (H, W, 3) -> (H, W, channels)."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
     if channels == 1:
         if arr.ndim == 3:  # ITU-R 601-2 luma, as Pillow's convert("L")
             arr = np.rint(arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114]))

@@ -32,7 +32,7 @@ from service.runtime.preprocess import (
     prepare_batch,
     to_channels,
 )
-from service.runtime.scoring import COMPONENTS, anomaly_map, raw_components
+from service.runtime.scoring import anomaly_map, raw_components
 from service.runtime.session import Graph, resolve_providers
 
 __all__ = ["Forward", "Runtime", "ScoreResult"]
