@@ -15,7 +15,7 @@ class TrainConfig:
     normal_class: int | None = None  # one-class protocol: train on this class only
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 2e-4  # Adam, the same for E, G and D
+    lr: float = 1e-3  # Adam, the same for E, G and D
     beta1: float = 0.5
     beta2: float = 0.999
     kl_weight: float = 1.0  # KL per pixel element (so it compares with the per-element MSEs)

@@ -49,7 +49,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for E, G and D")
     g.add_argument("--kl-weight", type=float, default=1.0, help="KL weight per pixel element")
     g.add_argument("--feature-weight", type=float, default=1.0, help="reconstruction in D's feature layer")
     g.add_argument("--pixel-weight", type=float, default=1.0, help="pixel MSE reconstruction")

@@ -22,18 +22,22 @@ logger = logging.getLogger(__name__)
 
 
 def _score_over_grpc(bundle_dir: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """Score through a real server on an ephemeral loopback port; falls back to the runtime
-    when the server package is missing. Returns (scores, is_outlier, how)."""
-    try:
-        from service.client import OutlierClient
-        from service.server.app import running_server
-    except ImportError:
-        from service.runtime import Runtime
+    """Score through a real server on an ephemeral loopback port (gRPC + dynamic batcher).
 
-        res = Runtime.load(bundle_dir).score(images)
-        return res.score, res.is_outlier, "in-process runtime"
-    with running_server(bundle_dir) as target, OutlierClient(target) as client:
-        results = client.score(list(images))
+    Returns (scores, is_outlier, where the server listened)."""
+    from service.client import OutlierClient
+    from service.server.config import ServiceConfig
+    from service.server.testing import ServerThread
+
+    config = ServiceConfig(model=bundle_dir, host="127.0.0.1", port=0, metrics_port=-1)
+    with ServerThread(config) as srv, OutlierClient(srv.target) as client:
+        # eight requests of 50 images each, in flight together: the batcher merges them
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunks = [list(images[i : i + 50]) for i in range(0, len(images), 50)]
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            results = [r for part in pool.map(client.score, chunks) for r in part]
+        target = srv.target
     return (
         np.array([r.score for r in results]),
         np.array([r.is_outlier for r in results]),

@@ -21,6 +21,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GRAPHS",
     "Bundle",
+    "calibration_digest",
     "graph_signatures",
     "load_bundle",
     "resolve_bundle_dir",
@@ -30,6 +31,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+CALIBRATION_KEY = "calibration"  # files[...] entry: sha256 of the manifest's calibration block
 # graph name -> file name; the input/output names are fixed by graph_signatures()
 GRAPHS = {
     "encoder": "encoder.onnx",
@@ -62,11 +64,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def calibration_digest(calibration: dict[str, Any] | None) -> str:
+    """sha256 of the calibration block's canonical JSON (it lives inside manifest.json)."""
+    return hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``files`` with the sha256 of every graph and write manifest.json. Returns it."""
+    """Fill ``files`` with the sha256 of every graph (and of the calibration block) and write
+    manifest.json. Returns it."""
     bundle_dir = Path(bundle_dir)
     manifest = dict(manifest)
     manifest["files"] = {f: sha256_file(bundle_dir / f) for f in GRAPHS.values()}
+    manifest["files"][CALIBRATION_KEY] = calibration_digest(manifest.get("calibration"))
     tmp = bundle_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     tmp.replace(bundle_dir / MANIFEST)
@@ -146,6 +155,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 raise BundleError(
                     f"{f}: sha256 mismatch (manifest {files[fname][:12]}..., file {digest[:12]}...)"
                 )
+    if verify and CALIBRATION_KEY in files and files[CALIBRATION_KEY] != calibration_digest(manifest.get("calibration")):
+        raise BundleError(f"{mpath}: sha256 mismatch of the calibration block (edited by hand?)")
     calibration = None
     if manifest.get("calibration"):
         try:

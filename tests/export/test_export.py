@@ -82,6 +82,10 @@ def test_wrong_shape_in_manifest_is_refused(tiny_bundle: Path, tmp_path: Path) -
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"encoder\.onnx: output 'mu' has shape"):
         Runtime.load(bad)
+    m["calibration"]["target_fpr"] = 0.5
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="calibration block"):
+        load_bundle(bad)
     m["format_version"] = 99
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="format_version 99"):

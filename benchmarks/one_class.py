@@ -1,0 +1,161 @@
+"""One-class benchmark: train on class K of the training set, test on the full test set.
+
+For each class: train (the same `vaegan train` pipeline: label-free checkpoint and weight
+selection, calibration on held-out normals), export, then score the whole test split through the
+ONNX runtime that serves. Prints a table (per class and mean AUROC, per component too), writes
+JSON, and records train time and scoring throughput. Ablation rows retrain a few classes as a
+plain VAE and with the LSGAN loss.
+
+    python benchmarks/one_class.py --dataset mnist --data-root ../shared/data/mnist --quick
+    python benchmarks/one_class.py --dataset mnist --data-root ../shared/data/mnist --classes 0-9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models import ModelConfig  # noqa: E402
+from service.runtime import Runtime  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.data import load_dataset  # noqa: E402
+from trainer.evaluate import evaluate  # noqa: E402
+from trainer.pipeline import image_spec_for, train_and_export  # noqa: E402
+
+# published mean AUROC (%) on the same protocol: (MNIST, CIFAR-10)
+ANCHORS = {"Deep SVDD": (94.8, 64.8), "OCGAN": (97.5, 65.6), "DCAE": (89.7, 59.4), "AnoGAN": (91.3, 61.8)}
+VARIANTS = {
+    "vaegan-bce": {"adv_loss": "bce"},
+    "vae (no adversarial term)": {"adv_loss": "none"},
+    "vaegan-lsgan": {"adv_loss": "lsgan"},
+}
+
+
+def parse_classes(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += list(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def run_class(args: argparse.Namespace, k: int, variant: str, test, spec) -> dict:  # noqa: ANN001
+    cfg = TrainConfig(
+        dataset=args.dataset, data_root=str(args.data_root), normal_class=k, epochs=args.epochs,
+        batch_size=args.batch_size, max_train=args.max_train, seed=args.seed,
+        **VARIANTS[variant], **({"adv_weight": args.adv_weight} if args.adv_weight is not None else {}),
+    )
+    model_cfg = ModelConfig(
+        num_channels=spec.channels, image_size=spec.height,
+        latent_dim=args.latent_dim, base_width=args.base_width,
+    )
+    run_dir = args.work / f"{args.dataset}-{k}-{variant.split()[0]}"
+    t0 = time.perf_counter()
+    out = train_and_export(cfg, model_cfg, spec, run_dir, progress=False)
+    train_s = time.perf_counter() - t0
+    rt = Runtime.load(out.bundle_dir, providers="cpu")
+    labels = (test.labels != k).astype(np.int64)
+    data = type(test)(test.images, labels, None, test.class_names)
+    ev = evaluate(rt, data, progress=False)
+    r = ev.report
+    sel = rt.bundle.calibration.selection if rt.bundle.calibration else {}
+    row = {
+        "class": k,
+        "variant": variant,
+        "image_auroc": r["image_auroc"],
+        "component_auroc": r["component_auroc"],
+        "image_auprc": r["image_auprc"],
+        "fpr_at_threshold": r["fpr_at_threshold"],
+        "tpr_at_threshold": r["tpr_at_threshold"],
+        "weights": r["weights"],
+        "selection_auroc": sel.get("selection_auroc"),
+        "selected_checkpoint": rt.bundle.manifest["training"].get("selected_checkpoint"),
+        "train_seconds": train_s,
+        "images_per_second": r["images_per_second"],
+    }
+    logging.info("class %d %s: AUROC %.4f %s", k, variant, row["image_auroc"],
+                 {c: round(v, 4) for c, v in row["component_auroc"].items()})
+    return row
+
+
+def mean(rows: list[dict], key: str, sub: str | None = None) -> float:
+    vals = [r[key][sub] if sub else r[key] for r in rows]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def print_table(rows: list[dict], dataset: str) -> None:
+    print(f"\n{'class':>5} {'variant':<26} {'AUROC':>7} {'pixel':>7} {'feature':>8} {'disc':>7} "
+          f"{'FPR@thr':>8} {'TPR@thr':>8} {'train s':>8} {'img/s':>7}  weights p/f/d")
+    for r in rows:
+        c = r["component_auroc"]
+        w = r["weights"]
+        print(f"{r['class']:>5} {r['variant']:<26} {r['image_auroc']:>7.4f} {c['pixel']:>7.4f} {c['feature']:>8.4f} "
+              f"{c['disc']:>7.4f} {r['fpr_at_threshold']:>8.4f} {r['tpr_at_threshold']:>8.4f} "
+              f"{r['train_seconds']:>8.0f} {r['images_per_second']:>7.0f}  {w['pixel']:g}/{w['feature']:g}/{w['disc']:g}")
+    main = [r for r in rows if r["variant"] == "vaegan-bce"]
+    if main:
+        print(f"\nmean over {len(main)} classes: AUROC {mean(main, 'image_auroc'):.4f} "
+              f"(pixel {mean(main, 'component_auroc', 'pixel'):.4f}, feature {mean(main, 'component_auroc', 'feature'):.4f}, "
+              f"disc {mean(main, 'component_auroc', 'disc'):.4f}); min class {min(r['image_auroc'] for r in main):.4f}; "
+              f"mean FPR at threshold {mean(main, 'fpr_at_threshold'):.4f}")
+    col = 0 if dataset in ("mnist", "fashion-mnist") else 1
+    print("published mean AUROC on the same protocol: " + ", ".join(f"{k} {v[col]:.1f}" for k, v in ANCHORS.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
+    p.add_argument("--classes", default="0-9")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-train", type=int, help="cap on training images per class")
+    p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--base-width", type=int, default=32)
+    p.add_argument("--adv-weight", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablation-classes", default="", help="classes for the VAE / LSGAN ablation rows")
+    p.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores: 3 classes, few epochs")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/one_class_<dataset>[_quick].json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.classes, args.epochs, args.max_train = "0,1,2", 3, 1500
+        args.ablation_classes = args.ablation_classes or ""
+    out = args.out or REPO / "benchmarks" / "results" / f"one_class_{args.dataset}{'_quick' if args.quick else ''}.json"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in ("trainer", "export", "service"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = image_spec_for(args.dataset, None, None)
+    test = load_dataset(args.dataset, args.data_root, "test", spec)
+    rows: list[dict] = []
+    jobs = [(k, "vaegan-bce") for k in parse_classes(args.classes)]
+    jobs += [(k, v) for k in parse_classes(args.ablation_classes) for v in VARIANTS if v != "vaegan-bce"]
+    t0 = time.perf_counter()
+    for k, variant in jobs:
+        rows.append(run_class(args, k, variant, test, spec))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                   "anchors": ANCHORS, "seconds": time.perf_counter() - t0}, indent=2) + "\n")
+    print_table(rows, args.dataset)
+    print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
