@@ -54,7 +54,7 @@ def parse_classes(text: str) -> list[int]:
 def run_class(args: argparse.Namespace, k: int, variant: str, test, spec) -> dict:  # noqa: ANN001
     cfg = TrainConfig(
         dataset=args.dataset, data_root=str(args.data_root), normal_class=k, epochs=args.epochs,
-        batch_size=args.batch_size, max_train=args.max_train, seed=args.seed,
+        batch_size=args.batch_size, max_train=args.max_train or None, seed=args.seed,
         **VARIANTS[variant], **({"adv_weight": args.adv_weight} if args.adv_weight is not None else {}),
     )
     model_cfg = ModelConfig(
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
     p.add_argument("--classes", default="0-9")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-train", type=int, help="cap on training images per class")
+    p.add_argument("--max-train", type=int, default=4000, help="cap on training images per class (0: all)")
     p.add_argument("--latent-dim", type=int, default=32)
-    p.add_argument("--base-width", type=int, default=32)
+    p.add_argument("--base-width", type=int, default=16)
     p.add_argument("--adv-weight", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation-classes", default="", help="classes for the VAE / LSGAN ablation rows")

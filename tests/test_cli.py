@@ -75,3 +75,33 @@ def test_train_resume_and_export(tmp_path: Path) -> None:
     assert rt.bundle.name == "again" and rt.bundle.version == "3"
     assert rt.bundle.calibration is not None  # calibrated on the run's held-out split
     assert rt.bundle.calibration.n == json.loads((run / "bundle" / "manifest.json").read_text())["calibration"]["n"]
+
+
+def test_inpaint_cli_mask_and_auto(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data import load_dataset
+
+    from service.runtime import Runtime
+
+    test = load_dataset("synthetic", None, "test", None, limit=6)
+    img = test.images[5]  # odd indices are defective
+    Image.fromarray(img).save(tmp_path / "in.png")
+    mask = np.zeros(img.shape[:2], np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["inpaint", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--model", str(tiny_bundle), "--out", str(tmp_path / "filled.png")]) == 0
+    filled = np.asarray(Image.open(tmp_path / "filled.png"))
+    assert filled.shape == img.shape
+    assert np.array_equal(filled[mask == 0], img[mask == 0])
+    assert main(["inpaint", str(tmp_path / "in.png"), "--auto", "--model", str(tiny_bundle),
+                 "--out", str(tmp_path / "fixed.png"), "--save-mask", str(tmp_path / "used.png")]) == 0
+    used = np.asarray(Image.open(tmp_path / "used.png")) > 0
+    (fixed,), (expected,) = Runtime.load(tiny_bundle).repair([img])
+    assert np.array_equal(used, expected) and used.any()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "fixed.png")), fixed)
+    assert "repaired" in capsys.readouterr().out
+    assert main(["inpaint", str(tmp_path / "missing.png"), "--auto", "--model", str(tiny_bundle),
+                 "--out", str(tmp_path / "x.png")]) == 2

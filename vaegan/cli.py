@@ -246,6 +246,39 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- inpaint ----------------------------------------------------------------------------
+def _add_inpaint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inpaint", help="fill a masked region (--mask) or repair anomalies (--auto)")
+    p.add_argument("image", type=Path, help="input image (any size, grey or RGB)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--mask", type=Path, help="mask image of the same size; non-zero = fill")
+    g.add_argument("--auto", action="store_true", help="repair: fill where the anomaly map is above threshold")
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--out", type=Path, required=True, help="output image file (PNG/JPEG by extension)")
+    p.add_argument("--save-mask", type=Path, help="with --auto: also write the mask used")
+    p.set_defaults(func=_cmd_inpaint)
+
+
+def _cmd_inpaint(a: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from service.runtime import Runtime
+
+    rt = Runtime.load(a.model)
+    if a.auto:
+        (out,), (mask,) = rt.repair([a.image])
+        if a.save_mask:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(a.save_mask)
+        print(f"repaired {mask.mean():.2%} of the pixels")
+    else:
+        (out,) = rt.inpaint([a.image], [a.mask])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out).save(a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
 # ---- serve ------------------------------------------------------------------------------
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC service and /metrics")
@@ -285,7 +318,7 @@ def _fail(msg: str) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_export, _add_calibrate, _add_evaluate, _add_serve, _add_demo,
+    _add_train, _add_export, _add_calibrate, _add_evaluate, _add_inpaint, _add_serve, _add_demo,
 ]
 
 
