@@ -81,9 +81,8 @@ def test_inpaint_cli_mask_and_auto(tiny_bundle: Path, tmp_path: Path, capsys) ->
     import numpy as np
     from PIL import Image
 
-    from trainer.data import load_dataset
-
     from service.runtime import Runtime
+    from trainer.data import load_dataset
 
     test = load_dataset("synthetic", None, "test", None, limit=6)
     img = test.images[5]  # odd indices are defective
