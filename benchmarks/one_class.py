@@ -54,7 +54,7 @@ def parse_classes(text: str) -> list[int]:
 def run_class(args: argparse.Namespace, k: int, variant: str, test, spec) -> dict:  # noqa: ANN001
     cfg = TrainConfig(
         dataset=args.dataset, data_root=str(args.data_root), normal_class=k, epochs=args.epochs,
-        batch_size=args.batch_size, max_train=args.max_train or None, seed=args.seed,
+        batch_size=args.batch_size, max_train=args.max_train or None, seed=args.seed, lr=args.lr,
         **VARIANTS[variant], **({"adv_weight": args.adv_weight} if args.adv_weight is not None else {}),
     )
     model_cfg = ModelConfig(
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--base-width", type=int, default=16)
     p.add_argument("--adv-weight", type=float)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation-classes", default="", help="classes for the VAE / LSGAN ablation rows")
     p.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores: 3 classes, few epochs")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service.runtime import Calibration, Runtime
-from service.runtime.bundle import load_bundle, write_manifest
+from service.runtime.bundle import GRAPHS, load_bundle, write_manifest
 from service.runtime.preprocess import normalize
 from service.runtime.scoring import COMPONENTS, anomaly_map, raw_components
 from trainer.selection import corrupt, select_weights
@@ -68,7 +68,7 @@ def calibrate_bundle(
         import shutil
 
         dest.mkdir(parents=True, exist_ok=True)
-        for f in bundle.manifest["files"]:
+        for f in GRAPHS.values():
             shutil.copy2(bundle.path / f, dest / f)
     write_manifest(dest, manifest)
     logger.info(

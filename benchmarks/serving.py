@@ -1,0 +1,229 @@
+"""Serving overhead: bare ONNX Runtime vs the gRPC service over loopback, in one run.
+
+    python benchmarks/serving.py --model runs/demo/bundle
+
+Baseline: :meth:`Runtime.forward` (the three graphs, one run each) on pre-normalized batches,
+no server. Service: ``python -m service.server`` in a subprocess, driven by a grpc.aio client
+in this process with pre-built requests (raw uint8 tensors at model size), so the service's
+numbers include gRPC, decoding, preprocessing, batching, scoring and response building.
+
+  (a) requests of ``--request-size`` images (default 64 = max batch), a few in flight;
+      compared with bare ONNX Runtime at that batch size. Target: ratio >= 0.85.
+  (b) many concurrent single-image requests (16-64 in flight) that only the dynamic batcher
+      can make efficient; compared with bare ONNX Runtime at a batch of the in-flight count
+      (the best the batcher could do). Target: ratio >= 0.5.
+  (c) a no-op RPC (GetModelInfo), 64 in flight: calls/s of the gRPC stack alone, the ceiling
+      for (b) whatever the model.
+
+Prints a table and writes JSON (default ``benchmarks/results/serving.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from protos.vaegan.v1 import outlier_service_pb2 as pb  # noqa: E402
+from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc  # noqa: E402
+from service.runtime import Runtime  # noqa: E402
+from service.server.codec import array_to_tensor  # noqa: E402
+from service.server.config import ServiceConfig  # noqa: E402
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ms = np.asarray(latencies) * 1e3
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+# ---- bare ONNX Runtime ----------------------------------------------------------------------
+def bare(rt: Runtime, batch_size: int, seconds: float) -> dict[str, Any]:
+    s = rt.spec
+    x = np.random.default_rng(0).standard_normal((batch_size, s.channels, s.height, s.width)).astype(np.float32)
+    for _ in range(3):
+        rt.forward(x)
+    latencies = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        rt.forward(x)
+        latencies.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - t0
+    return {"batch_size": batch_size, "images_per_s": len(latencies) * batch_size / elapsed, **percentiles(latencies)}
+
+
+# ---- the service ----------------------------------------------------------------------------
+class Server:
+    """``python -m service.server`` in a subprocess, until closed."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        ready = Path(self.tmp.name) / "ready.json"
+        cmd = [
+            sys.executable, "-m", "service.server", "--model", str(args.model), "--host", "127.0.0.1",
+            "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready),
+            "--providers", args.providers, "--intra-op-threads", str(args.intra_op_threads),
+            "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
+            "--log-level", "WARNING",
+        ]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        ports = json.loads(ready.read_text())
+        self.target = f"127.0.0.1:{ports['port']}"
+        self.metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+
+    def batch_stats(self) -> tuple[float, float]:
+        """(merged runs, images in them) so far, from the server's batch-size histogram."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        return values.get("vaegan_batch_size_count", 0.0), values.get("vaegan_batch_size_sum", 0.0)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.tmp.cleanup()
+
+
+async def drive(target: str, request: Any, in_flight: int, seconds: float, method: str = "Score") -> dict[str, Any]:
+    """Keep ``in_flight`` calls going for ``seconds`` (after a short warm-up)."""
+    import grpc
+
+    n_images = len(getattr(request, "images", [None]))
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call = getattr(pb_grpc.OutlierServiceStub(channel), method)
+        latencies: list[float] = []
+        state = {"measuring": False, "stop": False}
+
+        async def worker() -> None:
+            while not state["stop"]:
+                t = time.perf_counter()
+                await call(request, timeout=60)
+                if state["measuring"]:
+                    latencies.append(time.perf_counter() - t)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
+        await asyncio.sleep(min(1.0, seconds / 3))  # warm-up
+        state["measuring"] = True
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        state["stop"] = True
+        elapsed = time.perf_counter() - t0
+        await asyncio.gather(*workers)
+    return {"in_flight": in_flight, "request_images": n_images,
+            "images_per_s": len(latencies) * n_images / elapsed, **percentiles(latencies)}
+
+
+def make_request(rt: Runtime, n: int) -> pb.ScoreRequest:
+    s = rt.spec
+    imgs = np.random.default_rng(1).integers(0, 256, (n, s.height, s.width, s.channels), dtype=np.uint8)
+    return pb.ScoreRequest(images=[pb.Image(id=str(i), tensor=array_to_tensor(a)) for i, a in enumerate(imgs)])
+
+
+def service_run(server: Server, request: pb.ScoreRequest, in_flight: int, seconds: float) -> dict[str, Any]:
+    runs0, images0 = server.batch_stats()
+    result = asyncio.run(drive(server.target, request, in_flight, seconds))
+    runs1, images1 = server.batch_stats()
+    result["mean_merged_batch"] = (images1 - images0) / max(1.0, runs1 - runs0)
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------------
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'scenario':<34}{'images/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'ratio':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+        batch = r.get("mean_merged_batch", r.get("batch_size"))
+        batch_text = "" if batch is None else f"{batch:.1f}"
+        lines.append(
+            f"{r['name']:<34}{r['images_per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}{batch_text:>7}{ratio:>7}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--providers", default="cpu", choices=["auto", "cpu", "cuda", "tensorrt"])
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="ONNX Runtime threads, the same for bare and service; 0 = the server's default (cores - 1)")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--request-size", type=int, default=64, help="images per request in (a)")
+    p.add_argument("--a-in-flight", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--b-in-flight", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--seconds", type=float, default=5.0, help="measured time per scenario")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json")
+    args = p.parse_args(argv)
+    args.intra_op_threads = ServiceConfig(model=args.model, intra_op_threads=args.intra_op_threads).ort_threads
+
+    rt = Runtime.load(args.model, providers=args.providers, intra_op_threads=args.intra_op_threads,
+                      max_batch_size=args.max_batch_size)
+    sizes = sorted({args.request_size, 1, *(min(c, args.max_batch_size) for c in args.b_in_flight)})
+    bare_rows = {n: bare(rt, n, args.seconds) for n in sizes}
+    rows = [{"name": f"bare ORT batch {n}", **r} for n, r in bare_rows.items()]
+
+    server = Server(args)
+    try:
+        req_a, req_b = make_request(rt, args.request_size), make_request(rt, 1)
+        for c in args.a_in_flight:
+            r = service_run(server, req_a, c, args.seconds)
+            r["ratio"] = r["images_per_s"] / bare_rows[args.request_size]["images_per_s"]
+            rows.append({"name": f"(a) {args.request_size}-image req, {c} in flight", "scenario": "a", **r})
+        for c in args.b_in_flight:
+            r = service_run(server, req_b, c, args.seconds)
+            r["ratio"] = r["images_per_s"] / bare_rows[min(c, args.max_batch_size)]["images_per_s"]
+            r["ratio_vs_bare_batch_1"] = r["images_per_s"] / bare_rows[1]["images_per_s"]
+            rows.append({"name": f"(b) 1-image req, {c} in flight", "scenario": "b", **r})
+        # the ceiling: a no-op RPC (GetModelInfo) as fast as this machine's gRPC stack goes
+        r = asyncio.run(drive(server.target, pb.GetModelInfoRequest(), 64, args.seconds, "GetModelInfo"))
+        rows.append({"name": "(c) no-op RPC, 64 in flight", "scenario": "c", **r})
+    finally:
+        server.close()
+
+    best = {s: max(r["ratio"] for r in rows if r.get("scenario") == s) for s in ("a", "b")}
+    print(table(rows))
+    print(f"\nbest ratio (a) {best['a']:.2f} (target >= 0.85), (b) {best['b']:.2f} (target >= 0.5)")
+    print("(c) is calls/s of an RPC that does no model work: the ceiling for (b) on this machine")
+    report = {
+        "model": str(args.model),
+        "bundle": {"name": rt.bundle.name, "version": rt.bundle.version, "image": rt.spec.to_dict()},
+        "provider": rt.provider,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+        "best_ratio": best,
+        "targets": {"a": 0.85, "b": 0.5},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

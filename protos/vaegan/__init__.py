@@ -1,0 +1,1 @@
+"""vaegan protocol packages."""

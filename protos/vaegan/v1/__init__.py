@@ -1,0 +1,1 @@
+"""vaegan.v1: ``outlier_service.proto`` and its generated ``*_pb2`` / ``*_pb2_grpc`` modules."""

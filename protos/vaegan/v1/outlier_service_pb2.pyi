@@ -1,0 +1,219 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+
+class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_RAW: _ClassVar[ImageFormat]
+DTYPE_UNSPECIFIED: DType
+DTYPE_UINT8: DType
+DTYPE_FLOAT32: DType
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat
+IMAGE_FORMAT_PNG: ImageFormat
+IMAGE_FORMAT_RAW: ImageFormat
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("id", "encoded", "tensor")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    encoded: bytes
+    tensor: Tensor
+    def __init__(self, id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Components(_message.Message):
+    __slots__ = ("pixel", "feature", "disc")
+    PIXEL_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    DISC_FIELD_NUMBER: _ClassVar[int]
+    pixel: float
+    feature: float
+    disc: float
+    def __init__(self, pixel: _Optional[float] = ..., feature: _Optional[float] = ..., disc: _Optional[float] = ...) -> None: ...
+
+class ScoreOptions(_message.Message):
+    __slots__ = ("return_anomaly_map", "return_reconstruction", "return_repaired", "image_format", "weights", "threshold")
+    RETURN_ANOMALY_MAP_FIELD_NUMBER: _ClassVar[int]
+    RETURN_RECONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    RETURN_REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    return_anomaly_map: bool
+    return_reconstruction: bool
+    return_repaired: bool
+    image_format: ImageFormat
+    weights: Components
+    threshold: float
+    def __init__(self, return_anomaly_map: _Optional[bool] = ..., return_reconstruction: _Optional[bool] = ..., return_repaired: _Optional[bool] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., weights: _Optional[_Union[Components, _Mapping]] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("images", "options")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    options: ScoreOptions
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
+
+class ImageScore(_message.Message):
+    __slots__ = ("id", "score", "is_outlier", "tail_probability", "threshold", "components", "anomaly_map", "reconstruction", "repaired", "repair_mask")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    IS_OUTLIER_FIELD_NUMBER: _ClassVar[int]
+    TAIL_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    ANOMALY_MAP_FIELD_NUMBER: _ClassVar[int]
+    RECONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_MASK_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    is_outlier: bool
+    tail_probability: float
+    threshold: float
+    components: Components
+    anomaly_map: Image
+    reconstruction: Image
+    repaired: Image
+    repair_mask: Image
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_outlier: _Optional[bool] = ..., tail_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., anomaly_map: _Optional[_Union[Image, _Mapping]] = ..., reconstruction: _Optional[_Union[Image, _Mapping]] = ..., repaired: _Optional[_Union[Image, _Mapping]] = ..., repair_mask: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ImageScore]
+    def __init__(self, results: _Optional[_Iterable[_Union[ImageScore, _Mapping]]] = ...) -> None: ...
+
+class InpaintRequest(_message.Message):
+    __slots__ = ("images", "masks", "image_format")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    masks: _containers.RepeatedCompositeFieldContainer[Image]
+    image_format: ImageFormat
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+
+class InpaintedImage(_message.Message):
+    __slots__ = ("id", "image")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    image: Image
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class InpaintResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[InpaintedImage]
+    def __init__(self, results: _Optional[_Iterable[_Union[InpaintedImage, _Mapping]]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ImageShape(_message.Message):
+    __slots__ = ("channels", "height", "width", "resize")
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    channels: int
+    height: int
+    width: int
+    resize: str
+    def __init__(self, channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., resize: _Optional[str] = ...) -> None: ...
+
+class ComponentStats(_message.Message):
+    __slots__ = ("mean", "std")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    mean: float
+    std: float
+    def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ...) -> None: ...
+
+class CalibrationSummary(_message.Message):
+    __slots__ = ("calibrated", "n", "target_fpr", "threshold", "weights", "components", "map_threshold")
+    class ComponentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ComponentStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ComponentStats, _Mapping]] = ...) -> None: ...
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FPR_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    MAP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    calibrated: bool
+    n: int
+    target_fpr: float
+    threshold: float
+    weights: Components
+    components: _containers.MessageMap[str, ComponentStats]
+    map_threshold: float
+    def __init__(self, calibrated: _Optional[bool] = ..., n: _Optional[int] = ..., target_fpr: _Optional[float] = ..., threshold: _Optional[float] = ..., weights: _Optional[_Union[Components, _Mapping]] = ..., components: _Optional[_Mapping[str, ComponentStats]] = ..., map_threshold: _Optional[float] = ...) -> None: ...
+
+class BatchingSettings(_message.Message):
+    __slots__ = ("max_batch_size", "max_delay_ms", "max_images_per_request", "max_image_pixels", "max_message_bytes")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    max_delay_ms: float
+    max_images_per_request: int
+    max_image_pixels: int
+    max_message_bytes: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "image", "latent_dim", "feature_dim", "calibration", "providers", "batching", "anomaly_map_full_scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    ANOMALY_MAP_FULL_SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    image: ImageShape
+    latent_dim: int
+    feature_dim: int
+    calibration: CalibrationSummary
+    providers: _containers.RepeatedScalarFieldContainer[str]
+    batching: BatchingSettings
+    anomaly_map_full_scale: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., image: _Optional[_Union[ImageShape, _Mapping]] = ..., latent_dim: _Optional[int] = ..., feature_dim: _Optional[int] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., anomaly_map_full_scale: _Optional[float] = ...) -> None: ...

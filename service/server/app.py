@@ -1,0 +1,174 @@
+"""Server lifecycle: build, start (NOT_SERVING), load and warm up (SERVING), drain and stop.
+
+    server = OutlierServer(config)
+    ports = await server.start()   # gRPC + /metrics bound; health NOT_SERVING; RPCs UNAVAILABLE
+    await server.load()            # bundle verified, sessions warm, batcher running; SERVING
+    ...
+    await server.stop(grace)       # NOT_SERVING, finish in-flight calls within grace, close
+
+:func:`serve` does the first two steps. Two executors, sized on purpose: ``model_instances``
+threads for ONNX Runtime (each run already uses ``intra_op_threads`` cores, so more threads
+would only compete), and ``decode_workers`` threads for decoding and numpy work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from service.runtime import Runtime
+from service.server.batcher import DynamicBatcher
+from service.server.config import ServiceConfig
+from service.server.interceptor import ServiceInterceptor
+from service.server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
+from service.server.pipeline import BatchRunner, concat_scored
+from service.server.servicer import SERVICE_NAME, LoadedModel, OutlierServicer
+
+__all__ = ["BoundPorts", "OutlierServer", "serve"]
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+@dataclass(frozen=True)
+class BoundPorts:
+    """The ports the server actually bound (useful when 0 = ephemeral was asked for)."""
+
+    grpc: int
+    metrics: int | None  # None: no metrics endpoint
+
+
+class OutlierServer:
+    """One gRPC server with health, reflection, metrics and (after :meth:`load`) a model."""
+
+    def __init__(self, config: ServiceConfig, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.runtime = runtime  # preloaded runtime (tests, notebooks); else loaded from config
+        self.metrics = ServerMetrics()
+        self.ports: BoundPorts | None = None
+        self.model: LoadedModel | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._endpoint: MetricsEndpoint | None = None
+        self._ort_pool = ThreadPoolExecutor(config.model_instances, thread_name_prefix="vaegan-ort")
+        self._cpu_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="vaegan-cpu")
+        self.servicer = OutlierServicer(config, self._cpu_pool, self.metrics)
+
+    async def start(self) -> BoundPorts:
+        """Bind and start gRPC (health NOT_SERVING) and /metrics; returns the bound ports."""
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics, SERVICE_NAME)],
+            options=options,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
+        )
+        self._health = health.aio.HealthServicer()
+        for name in HEALTH_SERVICES:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        pb_grpc.add_OutlierServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        if cfg.tls_cert_file is not None and cfg.tls_key_file is not None:
+            creds = grpc.ssl_server_credentials(
+                [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())]
+            )
+            port = server.add_secure_port(cfg.address, creds)
+        else:
+            port = server.add_insecure_port(cfg.address)  # raises RuntimeError if it cannot bind
+        await server.start()
+        self._server = server
+        if cfg.metrics_port >= 0:
+            self._endpoint = start_metrics_endpoint(self.metrics.registry, cfg.metrics_host, cfg.metrics_port)
+        self.ports = BoundPorts(port, self._endpoint.port if self._endpoint else None)
+        logger.info("gRPC on %s:%d (NOT_SERVING until the model is warm)", cfg.host, port)
+        return self.ports
+
+    async def load(self) -> None:
+        """Load the bundle (unless given), warm up at batch 1 and max batch size, then SERVING.
+
+        Raises BundleError (or ValueError for an unusable provider choice) on a bad bundle.
+        """
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        rt = self.runtime
+        if rt is None:
+            load = functools.partial(
+                Runtime.load, cfg.model, providers=cfg.providers,
+                intra_op_threads=cfg.ort_threads, max_batch_size=cfg.max_batch_size,
+            )
+            rt = self.runtime = await loop.run_in_executor(self._ort_pool, load)
+        s, runner = rt.spec, BatchRunner(rt)
+        warm = np.zeros((cfg.max_batch_size, s.channels, s.height, s.width), np.float32)  # (N, C, H, W)
+        runner.score(await loop.run_in_executor(self._ort_pool, runner, warm, {}))
+        batcher = DynamicBatcher(
+            runner, self._ort_pool, concat=concat_scored, finish=runner.score,
+            finish_executor=self._cpu_pool, max_batch_size=cfg.max_batch_size,
+            max_delay_s=cfg.max_delay_ms / 1e3, instances=cfg.model_instances, metrics=self.metrics,
+        )
+        batcher.start()
+        self.model = LoadedModel(rt, batcher)
+        self.servicer.attach(self.model)
+        self.metrics.set_model(rt.bundle.name, rt.bundle.version, rt.provider)
+        if self._health is None:
+            raise RuntimeError("OutlierServer.start() must run before load()")
+        for name in HEALTH_SERVICES:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "SERVING %s version %s on %s (max batch %d, max delay %.1f ms)",
+            rt.bundle.name, rt.bundle.version, rt.provider, cfg.max_batch_size, cfg.max_delay_ms,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace`` s, close."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()  # every service NOT_SERVING
+        if self.model is not None:
+            self.model.batcher.drain()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self.model is not None:
+            await self.model.batcher.close()
+            self.servicer.attach(None)
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self._ort_pool.shutdown(wait=False, cancel_futures=True)
+        logger.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: ServiceConfig, runtime: Runtime | None = None) -> OutlierServer:
+    """Start a server and load its model; returns it SERVING (its ``ports`` are bound).
+
+    On a bad bundle the server is stopped again and the error raised.
+    """
+    server = OutlierServer(config, runtime)
+    await server.start()
+    try:
+        await server.load()
+    except BaseException:
+        await server.stop(0)
+        raise
+    return server

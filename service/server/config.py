@@ -1,0 +1,146 @@
+"""Server configuration: one frozen dataclass, and its CLI flags with ``VAEGAN_*`` env defaults.
+
+Every flag ``--some-flag`` takes its default from the environment variable
+``VAEGAN_SOME_FLAG`` when set (12-factor: the same image runs in Kubernetes with a ConfigMap),
+else from the :class:`ServiceConfig` default. The environment is read when the parser is built,
+never at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MIB", "ServiceConfig", "add_serve_arguments", "config_from_args", "env_name"]
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``vaegan serve`` needs to know; built once in the entry point."""
+
+    model: Path  # bundle directory, or a model repository (highest version is served)
+    host: str = "[::]"  # gRPC bind address
+    port: int = 50051  # gRPC port; 0 = ephemeral (the bound port is reported)
+    metrics_host: str = "0.0.0.0"  # Prometheus /metrics bind address
+    metrics_port: int = 9090  # 0 = ephemeral, < 0 = no metrics endpoint
+    providers: str = "auto"  # ONNX Runtime providers: auto | cpu | cuda | tensorrt
+    intra_op_threads: int = 0  # threads per ONNX Runtime run; 0 = all cores but one (min 1)
+    max_batch_size: int = 64  # images per merged model run
+    max_delay_ms: float = 2.0  # longest wait for more images before a partial batch runs
+    model_instances: int = 1  # merged batches that may run at once (executor threads for ORT)
+    decode_workers: int = 0  # threads for decoding / pre- and post-processing; 0 = cores
+    max_message_bytes: int = 64 * MIB  # gRPC receive and send limit
+    max_concurrent_rpcs: int = 0  # 0 = unlimited; above it new RPCs get RESOURCE_EXHAUSTED
+    max_images_per_request: int = 1024  # RESOURCE_EXHAUSTED above it
+    max_image_pixels: int = 4096 * 4096  # height * width per image; RESOURCE_EXHAUSTED above
+    stream_window: int = 4  # ScoreStream requests processed concurrently per stream
+    grace_seconds: float = 10.0  # on SIGTERM: time for in-flight requests to finish
+    log_level: str = "INFO"
+    log_format: str = "text"  # text | json
+    ready_file: Path | None = None  # once SERVING, write {"port": .., "metrics_port": ..} here
+    tls_cert_file: Path | None = None  # PEM certificate chain: serve TLS (with tls_key_file)
+    tls_key_file: Path | None = None  # PEM private key
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_batch_size", "model_instances", "max_message_bytes", "max_images_per_request",
+            "max_image_pixels", "stream_window",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("port", "intra_op_threads", "decode_workers", "max_concurrent_rpcs")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_delay_ms < 0 or self.grace_seconds < 0:
+            raise ValueError("max_delay_ms and grace_seconds must be >= 0")
+        if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ValueError(f"providers must be auto, cpu, cuda or tensorrt, got {self.providers!r}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def ort_threads(self) -> int:
+        """Threads per ONNX Runtime run. The default leaves one core to the event loop and
+        decoding: on small machines, ONNX Runtime threads spinning on every core starve gRPC."""
+        return self.intra_op_threads or max(1, (os.cpu_count() or 2) - 1)
+
+    @property
+    def decode_threads(self) -> int:
+        """Worker threads for CPU work other than ONNX Runtime."""
+        return self.decode_workers or max(2, min(8, os.cpu_count() or 2))
+
+
+def env_name(flag: str) -> str:
+    """``--max-batch-size`` -> ``VAEGAN_MAX_BATCH_SIZE``."""
+    return "VAEGAN_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_serve_arguments(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None
+) -> argparse.ArgumentParser:
+    """Add the ``vaegan serve`` flags to ``parser``; defaults come from ``environ`` (os.environ).
+
+    String defaults go through each flag's ``type``, so a bad ``VAEGAN_*`` value is reported by
+    argparse as one line naming the flag.
+    """
+    env = os.environ if environ is None else environ
+    d = ServiceConfig(model=Path())
+
+    def add(flag: str, typ: Callable[[str], Any], default: Any, help_: str, **kw: Any) -> None:
+        name = env_name(flag)
+        value = env.get(name, None if default is None else str(default))
+        parser.add_argument(flag, type=typ, default=value, help=f"{help_} (env {name})", **kw)
+
+    model = env.get(env_name("--model"))
+    parser.add_argument(
+        "--model", type=Path, default=model, required=model is None,
+        help="bundle directory or model repository (env VAEGAN_MODEL)",
+    )
+    add("--host", str, d.host, "gRPC bind address; default %(default)s")
+    add("--port", int, d.port, "gRPC port, 0 = ephemeral; default %(default)s")
+    add("--metrics-host", str, d.metrics_host, "/metrics bind address; default %(default)s")
+    add("--metrics-port", int, d.metrics_port, "/metrics port, 0 = ephemeral, -1 = off; default %(default)s")
+    add("--providers", str, d.providers, "ONNX Runtime providers; default %(default)s",
+        choices=["auto", "cpu", "cuda", "tensorrt"])
+    add("--intra-op-threads", int, d.intra_op_threads, "threads per ONNX Runtime run, 0 = cores - 1")
+    add("--max-batch-size", int, d.max_batch_size, "images per merged model run; default %(default)s")
+    add("--max-delay-ms", float, d.max_delay_ms, "max wait to fill a batch; default %(default)s")
+    add("--model-instances", int, d.model_instances, "merged batches run at once; default %(default)s")
+    add("--decode-workers", int, d.decode_workers, "decode/pre/post-processing threads, 0 = cores")
+    add("--max-message-bytes", int, d.max_message_bytes, "gRPC message limit both ways; default %(default)s")
+    add("--max-concurrent-rpcs", int, d.max_concurrent_rpcs, "0 = unlimited; default %(default)s")
+    add("--max-images-per-request", int, d.max_images_per_request, "default %(default)s")
+    add("--max-image-pixels", int, d.max_image_pixels, "height*width per image; default %(default)s")
+    add("--stream-window", int, d.stream_window, "ScoreStream requests in progress per stream")
+    add("--grace-seconds", float, d.grace_seconds, "drain time on SIGTERM; default %(default)s")
+    add("--log-level", str, d.log_level, "default %(default)s",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--log-format", str, d.log_format, "default %(default)s", choices=["text", "json"])
+    add("--ready-file", Path, None, "write the bound ports as JSON here once SERVING")
+    add("--tls-cert-file", Path, None, "PEM certificate chain; with --tls-key-file serves TLS")
+    add("--tls-key-file", Path, None, "PEM private key for --tls-cert-file")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """The :class:`ServiceConfig` of parsed ``vaegan serve`` arguments (extra args ignored)."""
+    values = {f.name: getattr(args, f.name) for f in fields(ServiceConfig) if hasattr(args, f.name)}
+    return ServiceConfig(**values)

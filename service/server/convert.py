@@ -1,0 +1,294 @@
+"""Protobuf messages <-> runtime inputs and results: the server's one conversion module.
+
+Inputs are validated here, each problem raised as a ServiceError naming the image index and
+id: ``InvalidInput`` (bad bytes, shapes, dtypes, NaN, mask mismatch, empty request) or
+``ResourceExhausted`` (too many images, too many pixels). Decoding follows the runtime's own
+:func:`~service.runtime.preprocess.decode_image` / ``to_model_size`` / ``normalize``, so a
+served image is preprocessed exactly as :meth:`Runtime.preprocess` would.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from protos.vaegan.v1 import outlier_service_pb2 as pb
+from service.runtime import COMPONENTS, InvalidInput, ResourceExhausted, Runtime, ScoreResult
+from service.runtime.preprocess import ImageSpec, decode_image, normalize, to_model_size
+from service.server.codec import array_to_png, array_to_tensor, tensor_to_array
+from service.server.config import ServiceConfig
+
+__all__ = [
+    "Limits",
+    "ScoreOptions",
+    "check_count",
+    "decode_images",
+    "decode_masks",
+    "full_scale",
+    "inpaint_response",
+    "model_batch",
+    "model_info",
+    "name_image",
+    "raw_model_batch",
+    "score_options",
+    "score_response",
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request input limits (from the ServiceConfig)."""
+
+    max_images: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """A validated ``vaegan.v1.ScoreOptions``."""
+
+    anomaly_map: bool = False
+    reconstruction: bool = False
+    repaired: bool = False
+    image_format: int = pb.IMAGE_FORMAT_PNG
+    weights: dict[str, float] | None = None  # only the overridden components
+    threshold: float | None = None
+
+    @property
+    def default_scoring(self) -> bool:
+        """True when the batch's default-option scores can be used as they are."""
+        return self.weights is None and self.threshold is None and not self.reconstruction
+
+    @property
+    def pictures(self) -> bool:
+        return self.anomaly_map or self.reconstruction or self.repaired
+
+
+def name_image(i: int, image_id: str, what: str = "image") -> str:
+    """How errors name an image: ``image 3 (id 'cat.png')``."""
+    return f"{what} {i} (id {image_id!r})" if image_id else f"{what} {i}"
+
+
+def _format(fmt: int, where: str) -> int:
+    if fmt == pb.IMAGE_FORMAT_UNSPECIFIED:
+        return pb.IMAGE_FORMAT_PNG
+    if fmt not in (pb.IMAGE_FORMAT_PNG, pb.IMAGE_FORMAT_RAW):
+        raise InvalidInput(f"{where}: unknown image_format {fmt}")
+    return fmt
+
+
+def score_options(opts: pb.ScoreOptions) -> ScoreOptions:
+    """Validate the options: finite weights and threshold, a known image format."""
+    weights = {k: getattr(opts.weights, k) for k in COMPONENTS if opts.weights.HasField(k)}
+    bad = [k for k, v in weights.items() if not math.isfinite(v)]
+    if bad:
+        raise InvalidInput(f"options.weights: {bad} must be finite")
+    threshold = opts.threshold if opts.HasField("threshold") else None
+    if threshold is not None and not math.isfinite(threshold):
+        raise InvalidInput(f"options.threshold must be finite, got {threshold}")
+    return ScoreOptions(
+        anomaly_map=opts.return_anomaly_map,
+        reconstruction=opts.return_reconstruction,
+        repaired=opts.return_repaired,
+        image_format=_format(opts.image_format, "options.image_format"),
+        weights=weights or None,
+        threshold=threshold,
+    )
+
+
+def check_count(n: int, limits: Limits, what: str = "images") -> None:
+    """Empty -> InvalidInput; over ``limits.max_images`` -> ResourceExhausted."""
+    if n == 0:
+        raise InvalidInput(f"{what}: the request has no images")
+    if n > limits.max_images:
+        raise ResourceExhausted(
+            f"{what}: {n} images in one request, the limit is {limits.max_images} "
+            "(--max-images-per-request)"
+        )
+
+
+def _check_pixels(h: int, w: int, where: str, limits: Limits) -> None:
+    if h * w > limits.max_pixels:
+        raise ResourceExhausted(
+            f"{where}: {h}x{w} = {h * w} pixels, the limit is {limits.max_pixels} (--max-image-pixels)"
+        )
+
+
+def _decode_one(img: pb.Image, where: str, limits: Limits) -> np.ndarray:
+    """One Image -> uint8 (H, W) or (H, W, 3) at its own size; size checked before decoding."""
+    kind = img.WhichOneof("data")
+    if kind == "tensor":
+        shape = list(img.tensor.shape)
+        if len(shape) in (2, 3) and min(shape) > 0:
+            _check_pixels(shape[0], shape[1], where, limits)
+        try:
+            arr = tensor_to_array(img.tensor)
+        except ValueError as e:
+            raise InvalidInput(f"{where}: {e}") from e
+        return decode_image(arr, where)
+    if kind == "encoded":
+        try:
+            with Image.open(io.BytesIO(img.encoded)) as im:
+                _check_pixels(im.height, im.width, where, limits)
+                return decode_image(im, where)
+        except Image.DecompressionBombError as e:
+            raise ResourceExhausted(f"{where}: too many pixels ({e})") from e
+        except UnidentifiedImageError as e:
+            raise InvalidInput(f"{where}: cannot decode image bytes (not a known image format)") from e
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's decode failures
+            raise InvalidInput(f"{where}: cannot decode image bytes ({e})") from e
+    raise InvalidInput(f"{where}: no image data (set encoded or tensor)")
+
+
+def decode_images(images: Sequence[pb.Image], limits: Limits, what: str = "image") -> list[np.ndarray]:
+    """Decode every image at its own size: uint8 (H, W) or (H, W, 3) each."""
+    check_count(len(images), limits, what + "s")
+    return [_decode_one(img, name_image(i, img.id, what), limits) for i, img in enumerate(images)]
+
+
+def decode_masks(
+    masks: Sequence[pb.Image], images: Sequence[pb.Image], decoded: list[np.ndarray], limits: Limits
+) -> list[np.ndarray]:
+    """Decode masks and check each against its image's (H, W)."""
+    if len(masks) != len(images):
+        raise InvalidInput(f"masks: got {len(masks)} masks for {len(images)} images")
+    out = []
+    for i, (m, img, arr) in enumerate(zip(masks, images, decoded, strict=True)):
+        where = name_image(i, img.id, "mask")
+        mask = _decode_one(m, where, limits)
+        if mask.shape[:2] != arr.shape[:2]:
+            raise InvalidInput(
+                f"{where}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                f"{arr.shape[0]}x{arr.shape[1]} (height x width must match)"
+            )
+        out.append(mask)
+    return out
+
+
+def model_batch(originals: list[np.ndarray], spec: ImageSpec) -> np.ndarray:
+    """Decoded images -> normalized float32 (N, C, H, W) at model size, as Runtime.preprocess."""
+    batch = np.empty((len(originals), spec.height, spec.width, spec.channels), np.uint8)  # (N, H, W, C)
+    for i, arr in enumerate(originals):
+        batch[i] = to_model_size(arr, spec)
+    return normalize(batch, spec)
+
+
+def raw_model_batch(images: Sequence[pb.Image], spec: ImageSpec, limits: Limits) -> np.ndarray | None:
+    """Fast path: when every image is a raw uint8 tensor already at model size and channels,
+    the normalized batch (N, C, H, W) straight from the bytes (decoding and resizing would not
+    change them); else None, and :func:`decode_images` handles (or rejects) them."""
+    shape = [spec.height, spec.width, spec.channels]
+    nbytes = spec.height * spec.width * spec.channels
+    if spec.height * spec.width > limits.max_pixels:
+        return None
+    data = []
+    for img in images:
+        t = img.tensor
+        if img.WhichOneof("data") != "tensor" or t.dtype != pb.DTYPE_UINT8 or len(t.data) != nbytes:
+            return None
+        if list(t.shape) != shape and not (spec.channels == 1 and list(t.shape) == shape[:2]):
+            return None
+        data.append(t.data)
+    batch = np.frombuffer(b"".join(data), np.uint8).reshape(len(data), *shape)  # (N, H, W, C)
+    return normalize(batch, spec)
+
+
+def full_scale(spec: ImageSpec) -> float:
+    """The largest possible anomaly-map value, drawn as 255 in PNG maps: max(1 / std)."""
+    return float(max(1.0 / s for s in spec.std))
+
+
+def _picture(arr: np.ndarray, fmt: int) -> pb.Image:
+    if fmt == pb.IMAGE_FORMAT_RAW:
+        return pb.Image(tensor=array_to_tensor(arr))
+    return pb.Image(encoded=array_to_png(arr))
+
+
+def _anomaly_map(amap: np.ndarray, fmt: int, scale: float) -> pb.Image:
+    if fmt == pb.IMAGE_FORMAT_RAW:
+        return pb.Image(tensor=array_to_tensor(amap))  # float32 (H, W)
+    u8 = np.clip(np.rint(amap * (255.0 / scale)), 0, 255).astype(np.uint8)  # (H, W)
+    return pb.Image(encoded=array_to_png(u8))
+
+
+def _mask(mask: np.ndarray, fmt: int) -> pb.Image:
+    m = mask.astype(np.uint8)  # (H, W) 1 = filled
+    return _picture(m if fmt == pb.IMAGE_FORMAT_RAW else m * 255, fmt)
+
+
+def score_response(
+    ids: Sequence[str],
+    res: ScoreResult,
+    opts: ScoreOptions,
+    spec: ImageSpec,
+    repaired: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+) -> pb.ScoreResponse:
+    """A ScoreResult (and repairs) -> ScoreResponse, with the pictures the options ask for."""
+    fmt, scale = opts.image_format, full_scale(spec)
+    results = []
+    for i, image_id in enumerate(ids):
+        r = pb.ImageScore(
+            id=image_id,
+            score=float(res.score[i]),
+            is_outlier=bool(res.is_outlier[i]),
+            tail_probability=float(res.tail_probability[i]),
+            threshold=float(res.threshold),
+            components=pb.Components(**{k: float(res.components[k][i]) for k in COMPONENTS}),
+        )
+        if opts.anomaly_map:
+            r.anomaly_map.CopyFrom(_anomaly_map(res.anomaly_map[i], fmt, scale))
+        if opts.reconstruction and res.reconstruction is not None:
+            r.reconstruction.CopyFrom(_picture(res.reconstruction[i], fmt))
+        if repaired is not None:
+            r.repaired.CopyFrom(_picture(repaired[0][i], fmt))
+            r.repair_mask.CopyFrom(_mask(repaired[1][i], fmt))
+        results.append(r)
+    return pb.ScoreResponse(results=results)
+
+
+def inpaint_response(ids: Sequence[str], filled: list[np.ndarray], fmt: int) -> pb.InpaintResponse:
+    """Filled uint8 (H, W, C) images -> InpaintResponse."""
+    fmt = _format(fmt, "image_format")
+    return pb.InpaintResponse(
+        results=[pb.InpaintedImage(id=i, image=_picture(f, fmt)) for i, f in zip(ids, filled, strict=True)]
+    )
+
+
+def model_info(rt: Runtime, config: ServiceConfig) -> pb.ModelInfo:
+    """What GetModelInfo returns for a loaded runtime under ``config``."""
+    spec, b = rt.spec, rt.bundle
+    info = pb.ModelInfo(
+        name=b.name,
+        version=b.version,
+        image=pb.ImageShape(channels=spec.channels, height=spec.height, width=spec.width, resize=spec.resize),
+        latent_dim=b.latent_dim,
+        feature_dim=b.feature_dim,
+        providers=list(rt.providers),
+        batching=pb.BatchingSettings(
+            max_batch_size=config.max_batch_size,
+            max_delay_ms=config.max_delay_ms,
+            max_images_per_request=config.max_images_per_request,
+            max_image_pixels=config.max_image_pixels,
+            max_message_bytes=config.max_message_bytes,
+        ),
+        anomaly_map_full_scale=full_scale(spec),
+    )
+    cal = b.calibration
+    if cal is None:
+        info.calibration.calibrated = False
+        return info
+    c = info.calibration
+    c.calibrated = True
+    c.n = cal.n
+    c.target_fpr = cal.target_fpr
+    c.threshold = cal.threshold()
+    c.weights.CopyFrom(pb.Components(**cal.weights))
+    for k, (mean, std) in cal.stats.items():
+        c.components[k].mean, c.components[k].std = mean, std
+    c.map_threshold = cal.map_threshold
+    return info

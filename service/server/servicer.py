@@ -1,0 +1,161 @@
+"""The ``vaegan.v1.OutlierService`` servicer: validate, convert, delegate, convert back.
+
+CPU work (decoding, resizing, re-scoring, PNG encoding) runs on ``pool``; model runs go
+through the :class:`~service.server.batcher.DynamicBatcher`, which also scores each merged
+batch with the model's defaults (:mod:`service.server.pipeline`), or through the runtime on the
+pool (inpainting, repair). Errors are raised as ServiceErrors and mapped to status codes by the
+interceptor; nothing here touches status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from protos.vaegan.v1 import outlier_service_pb2 as pb
+from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from service.runtime import InvalidInput, ModelNotReady, Runtime, ServiceError
+from service.server import convert
+from service.server.batcher import DynamicBatcher
+from service.server.config import ServiceConfig
+from service.server.metrics import ServerMetrics
+from service.server.pipeline import ScoredBatch
+
+__all__ = ["SERVICE_NAME", "LoadedModel", "OutlierServicer"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OutlierService"].full_name  # vaegan.v1.OutlierService
+T = TypeVar("T")
+# responses of at most this many images, without pictures, are built on the event loop: that
+# costs less than the hop to a worker thread (a few microseconds per image)
+INLINE_RESPONSE_MAX = 8
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A warm runtime and the batcher that feeds it."""
+
+    runtime: Runtime
+    batcher: DynamicBatcher[ScoredBatch]
+
+
+class OutlierServicer(pb_grpc.OutlierServiceServicer):
+    """Implements the four RPCs on top of a :class:`LoadedModel` (UNAVAILABLE until attached)."""
+
+    def __init__(self, config: ServiceConfig, pool: Executor, metrics: ServerMetrics) -> None:
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        self.limits = convert.Limits(config.max_images_per_request, config.max_image_pixels)
+        self._model: LoadedModel | None = None
+
+    def attach(self, model: LoadedModel | None) -> None:
+        """Serve ``model`` from now on (None: answer UNAVAILABLE)."""
+        self._model = model
+
+    def _ready(self) -> LoadedModel:
+        if self._model is None:
+            raise ModelNotReady("the model is not loaded yet; retry shortly")
+        return self._model
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    # ---- Score --------------------------------------------------------------------------
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        return await self._score(request, "Score")
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        """Up to ``stream_window`` requests in progress at once; responses in request order."""
+        window: collections.deque[asyncio.Task[pb.ScoreResponse]] = collections.deque()
+        try:
+            seq = 0
+            async for request in request_iterator:
+                window.append(asyncio.ensure_future(self._score(request, "ScoreStream", seq)))
+                seq += 1
+                while len(window) >= self.config.stream_window or (window and window[0].done()):
+                    yield await window.popleft()
+            while window:
+                yield await window.popleft()
+        finally:
+            for task in window:
+                task.cancel()
+
+    async def _score(self, request: pb.ScoreRequest, method: str, seq: int | None = None) -> pb.ScoreResponse:
+        try:
+            model = self._ready()
+            opts = convert.score_options(request.options)
+            if opts.repaired and model.runtime.bundle.calibration is None:
+                raise InvalidInput("options.return_repaired needs a calibrated model")
+            convert.check_count(len(request.images), self.limits)
+            originals, images = await self._in_pool(self._decode, request, model.runtime, opts.repaired)
+            scored = await model.batcher.infer(images)
+            if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_RESPONSE_MAX:
+                response = self._respond(request, model.runtime, scored, originals, opts)  # cheap
+            else:
+                response = await self._in_pool(self._respond, request, model.runtime, scored, originals, opts)
+        except ServiceError as e:
+            if seq is None:
+                raise
+            raise type(e)(f"request {seq}: {e}") from e
+        self.metrics.images.labels(method).inc(len(request.images))
+        return response
+
+    def _decode(
+        self, request: pb.ScoreRequest, rt: Runtime, need_originals: bool
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        if not need_originals:
+            x = convert.raw_model_batch(request.images, rt.spec, self.limits)
+            if x is not None:
+                return [], x
+        originals = convert.decode_images(request.images, self.limits)
+        return originals, convert.model_batch(originals, rt.spec)
+
+    def _respond(
+        self,
+        request: pb.ScoreRequest,
+        rt: Runtime,
+        scored: ScoredBatch,
+        originals: list[np.ndarray],
+        opts: convert.ScoreOptions,
+    ) -> pb.ScoreResponse:
+        res = scored.result
+        if res is None or not opts.default_scoring:
+            res = rt.score_forward(scored.fwd, opts.weights, opts.threshold, opts.reconstruction)
+        repaired = rt.repair(originals) if opts.repaired else None
+        self.metrics.outliers.inc(int(np.count_nonzero(res.is_outlier)))
+        for s in res.score:
+            self.metrics.scores.observe(float(s))
+        ids = [img.id for img in request.images]
+        return convert.score_response(ids, res, opts, rt.spec, repaired)
+
+    # ---- Inpaint ------------------------------------------------------------------------
+    async def Inpaint(self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext) -> pb.InpaintResponse:
+        model = self._ready()
+        convert.check_count(len(request.images), self.limits)
+        response = await self._in_pool(self._inpaint, request, model.runtime)
+        self.metrics.images.labels("Inpaint").inc(len(request.images))
+        return response
+
+    def _inpaint(self, request: pb.InpaintRequest, rt: Runtime) -> pb.InpaintResponse:
+        images = convert.decode_images(request.images, self.limits)
+        masks = convert.decode_masks(request.masks, request.images, images, self.limits)
+        filled = rt.inpaint(images, masks)
+        return convert.inpaint_response([img.id for img in request.images], filled, request.image_format)
+
+    # ---- GetModelInfo -------------------------------------------------------------------
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return convert.model_info(self._ready().runtime, self.config)
