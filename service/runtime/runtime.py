@@ -80,6 +80,7 @@ class Runtime:
         intra_op_threads: int = 0,
         max_batch_size: int = 64,
         inpaint_iterations: int = 4,
+        spin: bool = True,
     ) -> None:
         self.bundle = bundle
         self.spec = bundle.spec
@@ -88,7 +89,7 @@ class Runtime:
         chosen = resolve_providers(providers)
         sigs = graph_signatures(bundle.spec, bundle.latent_dim, bundle.feature_dim)
         self.graphs = {
-            g: Graph(bundle.graph_path(g), sigs[g], chosen, intra_op_threads) for g in GRAPHS
+            g: Graph(bundle.graph_path(g), sigs[g], chosen, intra_op_threads, spin) for g in GRAPHS
         }
         self.providers = self.graphs["encoder"].providers
         logger.info(
@@ -104,9 +105,14 @@ class Runtime:
         intra_op_threads: int = 0,
         max_batch_size: int = 64,
         warmup: bool = True,
+        spin: bool = True,
     ) -> Runtime:
-        """Verify the bundle (checksums, shapes), open the sessions and warm them up."""
-        rt = cls(load_bundle(path), providers, intra_op_threads, max_batch_size)
+        """Verify the bundle (checksums, shapes), open the sessions and warm them up.
+
+        ``spin=False`` stops idle ONNX Runtime threads from busy-waiting: better when the cores
+        are shared with other work (the gRPC server's event loop and decoders).
+        """
+        rt = cls(load_bundle(path), providers, intra_op_threads, max_batch_size, spin=spin)
         if warmup:
             rt.warmup()
         return rt

@@ -83,19 +83,15 @@ class Calibration:
         n = {len(v) for v in self.samples.values()}
         if len(n) != 1 or n.pop() < 2:
             raise ValueError("calibration needs the same number (>= 2) of samples per component")
-        self._cache: dict[tuple[float, ...], np.ndarray] = {}
+        # derived once: per-component (mean, std), and sorted scores / thresholds per weighting
+        self.stats: dict[str, tuple[float, float]] = {
+            k: (float(v.mean()), max(float(v.std()), 1e-12)) for k, v in self.samples.items()
+        }
+        self._cache: dict[tuple[float, ...], tuple[np.ndarray, float]] = {}
 
     @property
     def n(self) -> int:
         return len(self.samples["pixel"])
-
-    @property
-    def stats(self) -> dict[str, tuple[float, float]]:
-        """component -> (mean, std) over the calibration samples (std floored above 0)."""
-        out = {}
-        for k, v in self.samples.items():
-            out[k] = (float(v.mean()), max(float(v.std()), 1e-12))
-        return out
 
     def _weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
         w = dict(self.weights)
@@ -119,17 +115,24 @@ class Calibration:
                 total += w[k] * (np.asarray(components[k], np.float64) - mean) / std
         return total
 
-    def calibration_scores(self, weights: Mapping[str, float] | None = None) -> np.ndarray:
-        """Sorted scores of the calibration images under ``weights``."""
+    def _reference(self, weights: Mapping[str, float] | None) -> tuple[np.ndarray, float]:
+        """(sorted calibration scores, threshold) under ``weights``, computed once per weighting."""
         w = self._weights(weights)
         key = tuple(w[k] for k in COMPONENTS)
         if key not in self._cache:
-            self._cache[key] = np.sort(self.combine(self.samples, w))
+            if len(self._cache) > 64:  # per-request weights: keep the memo bounded
+                self._cache.clear()
+            ref = np.sort(self.combine(self.samples, w))
+            self._cache[key] = (ref, float(np.quantile(ref, 1.0 - self.target_fpr)))
         return self._cache[key]
+
+    def calibration_scores(self, weights: Mapping[str, float] | None = None) -> np.ndarray:
+        """Sorted scores of the calibration images under ``weights``."""
+        return self._reference(weights)[0]
 
     def threshold(self, weights: Mapping[str, float] | None = None) -> float:
         """The (1 - target_fpr) quantile of calibration scores."""
-        return float(np.quantile(self.calibration_scores(weights), 1.0 - self.target_fpr))
+        return self._reference(weights)[1]
 
     def tail_probability(
         self, scores: np.ndarray, weights: Mapping[str, float] | None = None

@@ -62,9 +62,12 @@ class Graph:
         signature: dict[str, dict[str, list[int | None]]],
         providers: list[str],
         intra_op_threads: int = 0,
+        spin: bool = True,
     ) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
+        if not spin:  # idle ORT threads sleep instead of busy-waiting (shared cores, servers)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3

@@ -111,7 +111,7 @@ class OutlierServer:
         if rt is None:
             load = functools.partial(
                 Runtime.load, cfg.model, providers=cfg.providers,
-                intra_op_threads=cfg.ort_threads, max_batch_size=cfg.max_batch_size,
+                intra_op_threads=cfg.ort_threads, max_batch_size=cfg.max_batch_size, spin=cfg.ort_spin,
             )
             rt = self.runtime = await loop.run_in_executor(self._ort_pool, load)
         s, runner = rt.spec, BatchRunner(rt)
