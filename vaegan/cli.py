@@ -303,6 +303,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-train", type=int, default=3000, help="training images (default 3000)")
+    p.add_argument("--test-images", type=int, default=400, help="held-out test images to score")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
@@ -310,7 +311,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from vaegan.demo import run_demo
 
-    return run_demo(a.out, epochs=a.epochs, max_train=a.max_train, seed=a.seed)
+    return run_demo(a.out, epochs=a.epochs, max_train=a.max_train, seed=a.seed, n_test=a.test_images)
 
 
 def _fail(msg: str) -> int:

@@ -45,7 +45,7 @@ def _score_over_grpc(bundle_dir: Path, images: np.ndarray) -> tuple[np.ndarray, 
     )
 
 
-def run_demo(out: Path, *, epochs: int = 8, max_train: int = 3000, seed: int = 0) -> int:
+def run_demo(out: Path, *, epochs: int = 8, max_train: int = 3000, seed: int = 0, n_test: int = 400) -> int:
     import torch
 
     from models import ModelConfig
@@ -63,8 +63,8 @@ def run_demo(out: Path, *, epochs: int = 8, max_train: int = 3000, seed: int = 0
     outcome = train_and_export(cfg, model_cfg, spec, out, name="demo")
     print(f"      {outcome.run.seconds:.0f} s; bundle at {outcome.bundle_dir}")
 
-    print("[2/4] scoring 400 held-out test images (half with injected defects) ...")
-    test = load_dataset("synthetic", None, "test", spec, seed=seed, limit=400)
+    print(f"[2/4] scoring {n_test} held-out test images (half with injected defects) ...")
+    test = load_dataset("synthetic", None, "test", spec, seed=seed, limit=n_test)
     scores, flagged, how = _score_over_grpc(outcome.bundle_dir, test.images)
     print(f"      via {how}")
 
