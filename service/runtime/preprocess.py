@@ -193,8 +193,8 @@ def prepare_batch(images: Sequence[ImageLike] | np.ndarray, spec: ImageSpec) -> 
 
 def normalize(batch: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W), (x / 255 - mean) / std."""
-    x = batch.astype(np.float32) / 255.0
-    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    scaled = batch.astype(np.float32) / np.float32(255.0)
+    x: np.ndarray = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (N, C, H, W)
 
 

@@ -21,11 +21,6 @@ from service.server.config import ServiceConfig
 from service.server.testing import ServerThread
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_bundle: Path) -> Runtime:
-    return Runtime.load(tiny_bundle, providers="cpu")
-
-
 def config(bundle: Path, **kw) -> ServiceConfig:
     return ServiceConfig(model=bundle, host="127.0.0.1", port=0, metrics_port=-1, **kw)
 

@@ -14,8 +14,8 @@ from service.runtime.preprocess import ImageSpec, prepare_batch, to_model_size
 
 
 @pytest.fixture(scope="module")
-def rt(tiny_bundle: Path) -> Runtime:
-    return Runtime.load(tiny_bundle, providers="cpu")
+def rt(runtime: Runtime) -> Runtime:
+    return runtime
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -34,11 +34,6 @@ def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_bundle: Path) -> Runtime:
-    return Runtime.load(tiny_bundle, providers="cpu")
-
-
-@pytest.fixture(scope="module")
 def server(tiny_bundle: Path, runtime: Runtime) -> Iterator[ServerThread]:
     cfg = ServiceConfig(
         model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1,
