@@ -58,8 +58,13 @@ def test_user_errors_exit_2_with_a_message(tmp_path: Path, capsys) -> None:
 def test_train_resume_and_export(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--epochs", "1", *TINY]) == 0
+    assert main(["train", "--out", str(run), "--epochs", "1", "--tensorboard", *TINY]) == 0
     assert (run / "bundle" / "manifest.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"train/recon_pixel", "train/adv_d", "val/val_pixel"} <= set(events.Tags()["scalars"])
+    assert {"images/real", "images/reconstruction", "images/samples"} <= set(events.Tags()["images"])
     assert main(["train", "--out", str(run), "--epochs", "2", "--resume", *TINY]) == 0
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2

@@ -42,7 +42,7 @@ def evaluate(rt: Runtime, data: ImageSet, *, batch_size: int = 256, progress: bo
     labels = (np.asarray(data.labels) != 0).astype(np.int64)
     parts = []
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(data), batch_size), desc="scoring", disable=not progress, leave=False):
+    for i in tqdm(range(0, len(data), batch_size), desc="scoring", disable=None if progress else True, leave=False):
         parts.append(rt.score(data.images[i : i + batch_size], with_reconstruction=True))
     seconds = time.perf_counter() - t0
     scores = np.concatenate([p.score for p in parts])

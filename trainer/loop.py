@@ -172,7 +172,7 @@ def fit(
             generator=gen, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         )
         sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, disable=None if progress else True, leave=False)
         for step, (x,) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
