@@ -12,6 +12,7 @@ batches and :meth:`Runtime.score_forward` per request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,14 @@ class Forward:
 
     def __getitem__(self, s: slice) -> Forward:
         return Forward(self.x[s], self.x_hat[s], self.logit[s], self.feat_x[s], self.feat_xhat[s])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Forward]) -> Forward:
+        """Concatenate along the batch axis (the inverse of slicing)."""
+        if len(parts) == 1:
+            return parts[0]
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
 
 @dataclass
@@ -150,8 +159,8 @@ class Runtime:
         """:meth:`forward` in chunks of ``max_batch_size``."""
         if len(x) <= self.max_batch_size:
             return self.forward(x)
-        parts = [self.forward(x[i : i + self.max_batch_size]) for i in range(0, len(x), self.max_batch_size)]
-        return Forward(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "x_hat", "logit", "feat_x", "feat_xhat")))
+        step = self.max_batch_size
+        return Forward.concat([self.forward(x[i : i + step]) for i in range(0, len(x), step)])
 
     def reconstruct_normalized(self, x: np.ndarray) -> np.ndarray:
         """G(mu(x)) for a normalized batch; only E and G run."""
@@ -219,8 +228,8 @@ class Runtime:
         for _ in range(max(1, self.inpaint_iterations)):
             gen = self.reconstruct_normalized(cur)
             cur = x * (1 - m) + gen * m
-        gen = np.clip(gen + border_offset(x, gen, mask), -1e3, 1e3)
-        return x * (1 - m) + gen * m
+        gen = gen + border_offset(x, gen, mask)
+        return x * (1 - m) + gen * m  # denormalize() clips to the pixel range
 
     def inpaint(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -43,10 +42,7 @@ Out = TypeVar("Out", bound=Batched)
 
 def concat_forwards(parts: list[Forward]) -> Forward:
     """Concatenate Forwards along the batch axis (the inverse of slicing)."""
-    if len(parts) == 1:
-        return parts[0]
-    names = [f.name for f in dataclasses.fields(Forward)]
-    return Forward(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
+    return Forward.concat(parts)
 
 
 @dataclass
