@@ -117,13 +117,13 @@ def print_table(rows: list[dict], dataset: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
-    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
+    p.add_argument("--data-root", type=Path, help="default: ../shared/data/<mnist|cifar10>")
     p.add_argument("--classes", default="0-9")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-train", type=int, default=4000, help="cap on training images per class (0: all)")
     p.add_argument("--latent-dim", type=int, default=32)
-    p.add_argument("--base-width", type=int, default=16)
+    p.add_argument("--base-width", type=int, default=32)
     p.add_argument("--adv-weight", type=float)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/one_class_<dataset>[_quick].json)")
     args = p.parse_args(argv)
+    if args.data_root is None:
+        args.data_root = REPO.parent / "shared" / "data" / ("cifar10" if args.dataset == "cifar10" else "mnist")
     if args.quick:
         args.classes, args.epochs, args.max_train = "0,1,2", 3, 1500
         args.ablation_classes = args.ablation_classes or ""
