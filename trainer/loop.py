@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
-from service.runtime.preprocess import ImageSpec
+from service.runtime.preprocess import ImageSpec, normalize
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
@@ -47,11 +47,8 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def to_tensor(images: np.ndarray, spec: ImageSpec) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> normalized float32 (N, C, H, W), as service.runtime.normalize."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)  # (N, C, H, W)
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (x - mean) / std
+    """uint8 (N, H, W, C) -> normalized float32 (N, C, H, W): the serving code's normalize()."""
+    return torch.from_numpy(normalize(images, spec))
 
 
 def split_normal(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:

@@ -79,33 +79,48 @@ def training_summary(cfg: TrainConfig, history: list[dict[str, float]], n_train:
     }
 
 
+def _bundle_from_checkpoint(
+    ckpt: dict[str, Any],
+    source: str,
+    out_dir: Path,
+    *,
+    name: str | None,
+    version: int,
+    n_train: int,
+    val: ImageSet | None,
+) -> dict[str, Any]:
+    """Export a checkpoint (its configs and image spec travel inside it) and, given the
+    held-out normals, calibrate the bundle on them. Returns the manifest as exported."""
+    from export import write_bundle
+    from trainer.calibrate import calibrate_bundle
+    from trainer.checkpoint import model_from_checkpoint
+
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
+    training = training_summary(cfg, list(ckpt["history"]), n_train, 0 if val is None else len(val))
+    training["selected_checkpoint"] = source
+    default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
+    manifest = write_bundle(
+        model_from_checkpoint(ckpt), ImageSpec.from_dict(ckpt["image_spec"]), out_dir,
+        name=name or default_name, version=version, training=training,
+    )
+    if val is not None:
+        calibrate_bundle(out_dir, val.images, target_fpr=cfg.target_fpr, seed=cfg.seed)
+    return manifest
+
+
 def export_checkpoint(
     checkpoint: Path, out_dir: Path, *, name: str | None = None, version: int = 1, calibrate: bool = True
 ) -> dict[str, Any]:
     """``vaegan export``: ONNX + manifest from a checkpoint; calibrated on the held-out split
     that training used (rebuilt from the configs inside the checkpoint) unless told not to."""
-    from export import write_bundle
-    from trainer.calibrate import calibrate_bundle
-    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ckpt["train_config"])
-    spec = ImageSpec.from_dict(ckpt["image_spec"])
-    model = model_from_checkpoint(ckpt)
-    history = list(ckpt["history"])
-    n_train = n_val = 0
-    val = None
+    n_train, val = 0, None
     if calibrate:
-        train, val = load_split(cfg, spec)
-        n_train, n_val = len(train), len(val)
-    default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
-    manifest = write_bundle(
-        model, spec, out_dir, name=name or default_name, version=version,
-        training=training_summary(cfg, history, n_train, n_val),
-    )
-    if val is not None:
-        calibrate_bundle(out_dir, val.images, target_fpr=cfg.target_fpr, seed=cfg.seed)
-    return manifest
+        train, val = load_split(TrainConfig.from_dict(ckpt["train_config"]), ImageSpec.from_dict(ckpt["image_spec"]))
+        n_train = len(train)
+    return _bundle_from_checkpoint(ckpt, checkpoint.name, out_dir, name=name, version=version, n_train=n_train, val=val)
 
 
 def train_and_export(
@@ -120,24 +135,16 @@ def train_and_export(
     progress: bool = True,
 ) -> TrainOutcome:
     """The whole ``vaegan train``: load data, fit, export ``run_dir/bundle``, calibrate it."""
-    from export import write_bundle
-    from trainer.calibrate import calibrate_bundle
-    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
-
     train, val = load_split(cfg, spec)
     logger.info("training on %d normal images, %d held out for calibration", len(train), len(val))
     fill = tuple(float(v) for v in (train.images.reshape(-1, spec.channels).mean(0) / 255.0))
     spec = dataclasses.replace(spec, fill=fill)
 
     run = fit(cfg, model_cfg, spec, train, val, run_dir, resume=resume, tensorboard=tensorboard, progress=progress)
-    chosen = select_checkpoint(run, cfg.select_checkpoint)
-    ckpt = load_checkpoint(chosen)
-    model = model_from_checkpoint(ckpt)
     bundle_dir = run_dir / "bundle"
-    training = training_summary(cfg, ckpt["history"], len(train), len(val))
-    training["selected_checkpoint"] = chosen.name
-    default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
-    write_bundle(model, spec, bundle_dir, name=name or default_name, version=1, training=training)
-    calibrate_bundle(bundle_dir, val.images, target_fpr=cfg.target_fpr, seed=cfg.seed)
+    chosen = select_checkpoint(run, cfg.select_checkpoint)
+    from trainer.checkpoint import load_checkpoint
+
+    _bundle_from_checkpoint(load_checkpoint(chosen), chosen.name, bundle_dir, name=name, version=1, n_train=len(train), val=val)
     (run_dir / "history.json").write_text(json.dumps(run.history, indent=2) + "\n")
     return TrainOutcome(run, bundle_dir)
