@@ -80,7 +80,7 @@ class Server:
             "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready),
             "--providers", args.providers, "--intra-op-threads", str(args.intra_op_threads),
             "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
-            "--log-level", "WARNING",
+            "--fuse-graphs", str(args.fuse_graphs).lower(), "--log-level", "WARNING",
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env)
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--providers", default="cpu", choices=["auto", "cpu", "cuda", "tensorrt"])
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="ONNX Runtime threads, the same for bare and service; 0 = the server's default (cores - 1)")
+    p.add_argument("--fuse-graphs", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="E -> G -> D as one composed graph, for bare and service alike (true/false)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--request-size", type=int, default=64, help="images per request in (a)")
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args.intra_op_threads = ServiceConfig(model=args.model, intra_op_threads=args.intra_op_threads).ort_threads
 
     rt = Runtime.load(args.model, providers=args.providers, intra_op_threads=args.intra_op_threads,
-                      max_batch_size=args.max_batch_size)
+                      max_batch_size=args.max_batch_size, fuse=args.fuse_graphs)
     sizes = sorted({args.request_size, 1, *(min(c, args.max_batch_size) for c in args.b_in_flight)})
     bare_rows = {n: bare(rt, n, args.seconds) for n in sizes}
     rows = [{"name": f"bare ORT batch {n}", **r} for n, r in bare_rows.items()]

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from service.runtime.bundle import GRAPHS, Bundle, graph_signatures, load_bundle
+from service.runtime.compose import compose_pipeline
 from service.runtime.errors import InvalidInput, ModelNotReady
 from service.runtime.inpaint import border_offset, dilate, mask_to_size, prepare_mask, resize_to
 from service.runtime.preprocess import (
@@ -90,6 +92,7 @@ class Runtime:
         max_batch_size: int = 64,
         inpaint_iterations: int = 4,
         spin: bool = True,
+        fuse: bool = True,
     ) -> None:
         self.bundle = bundle
         self.spec = bundle.spec
@@ -101,10 +104,30 @@ class Runtime:
             g: Graph(bundle.graph_path(g), sigs[g], chosen, intra_op_threads, spin) for g in GRAPHS
         }
         self.providers = self.graphs["encoder"].providers
+        # E -> G -> D as one graph for forward() (service.runtime.compose); None: three calls
+        self.pipeline: Graph | None = None
+        if fuse:
+            self.pipeline = self._compose(sigs, chosen, intra_op_threads, spin)
         logger.info(
             "loaded %s version %s from %s on %s",
             bundle.name, bundle.version, bundle.path, self.providers[0],
         )
+
+    def _compose(
+        self, sigs: dict[str, Any], providers: list[str], intra_op_threads: int, spin: bool
+    ) -> Graph | None:
+        paths = [self.bundle.graph_path(g) for g in GRAPHS]
+        try:
+            model = compose_pipeline(*paths)
+        except (ValueError, onnx.checker.ValidationError) as e:  # still correct, just slower
+            logger.warning("serving the three graphs separately: cannot compose them (%s)", e)
+            return None
+        signature = {
+            "inputs": sigs["encoder"]["inputs"],
+            "outputs": {**sigs["generator"]["outputs"], **sigs["discriminator"]["outputs"]},
+        }
+        where = self.bundle.path / "(encoder+generator+discriminator)"
+        return Graph(where, signature, providers, intra_op_threads, spin, model=model)
 
     @classmethod
     def load(
@@ -115,13 +138,15 @@ class Runtime:
         max_batch_size: int = 64,
         warmup: bool = True,
         spin: bool = True,
+        fuse: bool = True,
     ) -> Runtime:
         """Verify the bundle (checksums, shapes), open the sessions and warm them up.
 
         ``spin=False`` stops idle ONNX Runtime threads from busy-waiting: better when the cores
-        are shared with other work (the gRPC server's event loop and decoders).
+        are shared with other work (the gRPC server's event loop and decoders). ``fuse=False``
+        runs the three graphs one by one in :meth:`forward` instead of as one composed graph.
         """
-        rt = cls(load_bundle(path), providers, intra_op_threads, max_batch_size, spin=spin)
+        rt = cls(load_bundle(path), providers, intra_op_threads, max_batch_size, spin=spin, fuse=fuse)
         if warmup:
             rt.warmup()
         return rt
@@ -139,20 +164,27 @@ class Runtime:
     def forward(self, x: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
         """Run E, G and D on a normalized batch (N, C, H, W); D sees x and x_hat in one call.
 
-        ``timings``, when given, receives each graph's run time in seconds (graph name -> s).
+        One ONNX Runtime call of the composed pipeline graph, or (``fuse=False``, or graphs
+        that could not be composed) one call per graph. ``timings``, when given, receives each
+        call's time in seconds, by graph name (``pipeline`` for the composed graph).
         """
-        mu, _ = self._run("encoder", timings, x=x)
-        (x_hat,) = self._run("generator", timings, z=mu)
         n = x.shape[0]
-        logit, feats = self._run("discriminator", timings, x=np.concatenate([x, x_hat]))
+        if self.pipeline is not None:
+            x_hat, logit, feats = self._run("pipeline", self.pipeline, timings, x=x)
+        else:
+            mu, _ = self._run("encoder", self.graphs["encoder"], timings, x=x)
+            (x_hat,) = self._run("generator", self.graphs["generator"], timings, z=mu)
+            d_in = np.concatenate([x, x_hat])  # (2N, C, H, W)
+            logit, feats = self._run("discriminator", self.graphs["discriminator"], timings, x=d_in)
         return Forward(x, x_hat, logit[:n], feats[:n], feats[n:])
 
-    def _run(self, graph: str, timings: dict[str, float] | None, **feeds: np.ndarray) -> list[Any]:
+    @staticmethod
+    def _run(name: str, graph: Graph, timings: dict[str, float] | None, **feeds: np.ndarray) -> list[Any]:
         if timings is None:
-            return self.graphs[graph].run(**feeds)
+            return graph.run(**feeds)
         t0 = time.perf_counter()
-        out = self.graphs[graph].run(**feeds)
-        timings[graph] = time.perf_counter() - t0
+        out = graph.run(**feeds)
+        timings[name] = time.perf_counter() - t0
         return out
 
     def forward_chunked(self, x: np.ndarray) -> Forward:

@@ -63,7 +63,10 @@ class Graph:
         providers: list[str],
         intra_op_threads: int = 0,
         spin: bool = True,
+        model: bytes | None = None,
     ) -> None:
+        """``model``: a serialized model to use instead of the file (``path`` then only names
+        it in messages, e.g. the pipeline composed in memory)."""
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         if not spin:  # idle ORT threads sleep instead of busy-waiting (shared cores, servers)
@@ -72,7 +75,8 @@ class Graph:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            source = str(path) if model is None else model
+            self.session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated types here
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({e})") from e
         self.path = path

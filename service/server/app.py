@@ -112,10 +112,11 @@ class OutlierServer:
             load = functools.partial(
                 Runtime.load, cfg.model, providers=cfg.providers,
                 intra_op_threads=cfg.ort_threads, max_batch_size=cfg.max_batch_size, spin=cfg.ort_spin,
+                fuse=cfg.fuse_graphs,
             )
             rt = self.runtime = await loop.run_in_executor(self._ort_pool, load)
         s, runner = rt.spec, BatchRunner(rt)
-        warm = np.zeros((cfg.max_batch_size, s.channels, s.height, s.width), np.float32)  # (N, C, H, W)
+        warm = np.zeros((cfg.max_batch_size, s.height, s.width, s.channels), np.uint8)  # (N, H, W, C)
         runner.score(await loop.run_in_executor(self._ort_pool, runner, warm, {}))
         batcher = DynamicBatcher(
             runner, self._ort_pool, concat=concat_scored, finish=runner.score,

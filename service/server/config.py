@@ -32,6 +32,7 @@ class ServiceConfig:
     providers: str = "auto"  # ONNX Runtime providers: auto | cpu | cuda | tensorrt
     intra_op_threads: int = 0  # threads per ONNX Runtime run; 0 = all cores but one (min 1)
     ort_spin: bool = False  # idle ONNX Runtime threads busy-wait: lower latency on dedicated cores
+    fuse_graphs: bool = True  # score with E -> G -> D composed into one graph (one run per batch)
     max_batch_size: int = 64  # images per merged model run
     max_delay_ms: float = 2.0  # longest wait for more images before a partial batch runs
     model_instances: int = 1  # merged batches that may run at once (executor threads for ORT)
@@ -123,6 +124,9 @@ def add_serve_arguments(
         choices=["auto", "cpu", "cuda", "tensorrt"])
     add("--intra-op-threads", int, d.intra_op_threads, "threads per ONNX Runtime run, 0 = cores - 1")
     add("--ort-spin", _bool, d.ort_spin, "idle ONNX Runtime threads busy-wait (true/false); default %(default)s")
+    add("--fuse-graphs", _bool, d.fuse_graphs,
+        "run E -> G -> D as one composed graph, one ONNX Runtime call per batch (true/false); "
+        "default %(default)s")
     add("--max-batch-size", int, d.max_batch_size, "images per merged model run; default %(default)s")
     add("--max-delay-ms", float, d.max_delay_ms, "max wait to fill a batch; default %(default)s")
     add("--model-instances", int, d.model_instances, "merged batches run at once; default %(default)s")

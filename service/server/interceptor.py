@@ -58,7 +58,8 @@ class _Call:
         self.in_flight.dec()
         self.metrics.requests.labels(self.method, self.code.name).inc()
         self.metrics.latency.labels(self.method).observe(seconds)
-        logger.info("%s %s %.1fms peer=%s", self.method, self.code.name, seconds * 1e3, self.context.peer())
+        if logger.isEnabledFor(logging.INFO):  # peer() is not free; skip it when not logged
+            logger.info("%s %s %.1fms peer=%s", self.method, self.code.name, seconds * 1e3, self.context.peer())
         request_id.reset(self.token)
 
     def cancelled(self) -> None:

@@ -1,8 +1,8 @@
 """The model-side work of one merged batch: run the three graphs, then score.
 
-The dynamic batcher runs a :class:`BatchRunner` on the merged, normalized images of many
-requests: the ONNX Runtime thread does nothing but the three graphs, and the scores follow on a
-CPU thread. Scoring the whole batch at once with the model's own weights and threshold costs
+The dynamic batcher runs a :class:`BatchRunner` on the merged uint8 images of many requests
+(at model size): the ONNX Runtime thread normalizes the merged batch once and runs the three
+graphs, and the scores follow on a CPU thread. Scoring the whole batch at once with the model's own weights and threshold costs
 about as much as scoring one image, so every request with default options gets its rows of
 that :class:`ScoredBatch`; requests that override weights or the threshold re-score their own
 rows of the Forward.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.runtime import Forward, Runtime, ScoreResult
+from service.runtime.preprocess import normalize
 from service.server.batcher import concat_forwards
 
 __all__ = ["BatchRunner", "ScoredBatch", "concat_scored", "slice_result"]
@@ -71,8 +72,9 @@ def concat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
 class BatchRunner:
     """The two stages of a merged batch.
 
-    ``runner(x, timings)`` on the ONNX Runtime thread: x normalized (N, C, H, W) -> the three
-    graphs (``timings`` gets each graph's seconds and ``forward`` for all three).
+    ``runner(x, timings)`` on the ONNX Runtime thread: x uint8 (N, H, W, C) at model size ->
+    normalized (N, C, H, W) -> the three graphs (``timings`` gets each graph's seconds and
+    ``forward`` for all three).
     ``runner.score(batch)`` on a CPU thread, while the model runs the next batch: the scores
     under the model's own weights and threshold, for every request that uses them.
     """
@@ -82,7 +84,7 @@ class BatchRunner:
 
     def __call__(self, x: np.ndarray, timings: dict[str, float]) -> ScoredBatch:
         t0 = time.perf_counter()
-        fwd = self.runtime.forward(x, timings)
+        fwd = self.runtime.forward(normalize(x, self.runtime.spec), timings)
         timings["forward"] = time.perf_counter() - t0
         return ScoredBatch(fwd)
 

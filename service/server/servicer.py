@@ -36,9 +36,10 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OutlierService"].full_name  # vaegan.v1.OutlierService
 T = TypeVar("T")
-# responses of at most this many images, without pictures, are built on the event loop: that
-# costs less than the hop to a worker thread (a few microseconds per image)
-INLINE_RESPONSE_MAX = 8
+# requests of at most this many images take no hop to a worker thread when the work is a few
+# microseconds per image: raw uint8 tensors at model size are read on the event loop, and
+# responses without pictures are built there (the hop would cost more than the work)
+INLINE_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,9 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             if opts.repaired and model.runtime.bundle.calibration is None:
                 raise InvalidInput("options.return_repaired needs a calibrated model")
             convert.check_count(len(request.images), self.limits)
-            originals, images = await self._in_pool(self._decode, request, model.runtime, opts.repaired)
+            originals, images = await self._inputs(request, model.runtime, opts)
             scored = await model.batcher.infer(images)
-            if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_RESPONSE_MAX:
+            if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_MAX:
                 response = self._respond(request, model.runtime, scored, originals, opts)  # cheap
             else:
                 response = await self._in_pool(self._respond, request, model.runtime, scored, originals, opts)
@@ -113,6 +114,16 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             raise type(e)(f"request {seq}: {e}") from e
         self.metrics.images.labels(method).inc(len(request.images))
         return response
+
+    async def _inputs(
+        self, request: pb.ScoreRequest, rt: Runtime, opts: convert.ScoreOptions
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """(decoded originals if repairs need them, uint8 (N, H, W, C) batch at model size)."""
+        if not opts.repaired and len(request.images) <= INLINE_MAX:  # cheap: no thread hop
+            x = convert.raw_model_batch(request.images, rt.spec, self.limits)
+            if x is not None:
+                return [], x
+        return await self._in_pool(self._decode, request, rt, opts.repaired)
 
     def _decode(
         self, request: pb.ScoreRequest, rt: Runtime, need_originals: bool
