@@ -51,11 +51,27 @@ def parse_classes(text: str) -> list[int]:
     return out
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> TrainConfig overrides, each value cast to the field's type."""
+    from dataclasses import fields
+
+    types = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)}
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
+        cast = types[key] if types[key] is not type(None) else str
+        out[key] = cast(value)
+    return out
+
+
 def run_class(args: argparse.Namespace, k: int, variant: str, test, spec) -> dict:  # noqa: ANN001
     cfg = TrainConfig(
         dataset=args.dataset, data_root=str(args.data_root), normal_class=k, epochs=args.epochs,
         batch_size=args.batch_size, max_train=args.max_train or None, seed=args.seed, lr=args.lr,
         **VARIANTS[variant], **({"adv_weight": args.adv_weight} if args.adv_weight is not None else {}),
+        **args.train_overrides,
     )
     model_cfg = ModelConfig(
         num_channels=spec.channels, image_size=spec.height,
@@ -127,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adv-weight", type=float)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig field, e.g. --set kl_weight=2 (repeatable)")
     p.add_argument("--ablation-classes", default="", help="classes for the VAE / LSGAN ablation rows")
     p.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores: 3 classes, few epochs")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/one_class_<dataset>[_quick].json)")
     args = p.parse_args(argv)
+    args.train_overrides = parse_overrides(args.set)
     if args.data_root is None:
         args.data_root = REPO.parent / "shared" / "data" / ("cifar10" if args.dataset == "cifar10" else "mnist")
     if args.quick:

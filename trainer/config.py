@@ -23,6 +23,8 @@ class TrainConfig:
     pixel_weight: float = 1.0  # plain pixel MSE
     adv_weight: float = 0.01  # adversarial term for G (and the scale of D's loss)
     adv_loss: str = "bce"  # bce | lsgan | none (plain VAE)
+    d_lr_scale: float = 1.0  # D's learning rate = lr * d_lr_scale (a slower D saturates later)
+    d_noise: float = 0.0  # std of Gaussian instance noise on D's inputs in its own update
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
     val_fraction: float = 0.1  # held-out normal images for calibration, never trained on
     max_train: int | None = None  # cap on training images (quick runs)
@@ -43,6 +45,8 @@ class TrainConfig:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
         if self.select_checkpoint not in ("best", "last"):
             raise ValueError(f"select_checkpoint must be best or last, got {self.select_checkpoint!r}")
+        if self.d_lr_scale <= 0 or self.d_noise < 0:
+            raise ValueError("d_lr_scale must be > 0 and d_noise >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

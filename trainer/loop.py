@@ -64,10 +64,10 @@ def _build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    def adam(m: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    def adam(m: torch.nn.Module, scale: float = 1.0) -> torch.optim.Optimizer:
+        return torch.optim.Adam(m.parameters(), lr=cfg.lr * scale, betas=(cfg.beta1, cfg.beta2))
 
-    opt = Optimizers(adam(model.encoder), adam(model.generator), adam(model.discriminator))
+    opt = Optimizers(adam(model.encoder), adam(model.generator), adam(model.discriminator, cfg.d_lr_scale))
     n_elem = model_cfg.num_channels * model_cfg.image_size**2
     losses = Losses(
         kl=KLDivergence(cfg.kl_weight / n_elem),
@@ -177,7 +177,7 @@ def fit(
             mask = None
             if cfg.mask_prob > 0 and torch.rand(1, generator=gen).item() < cfg.mask_prob:
                 mask = random_masks(len(x), spec.height, generator=gen).to(device)
-            terms = train_step(model, x, opt, losses, mask=mask, autocast_dtype=autocast)
+            terms = train_step(model, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)

@@ -63,12 +63,15 @@ def train_step(
     losses: Losses,
     mask: torch.Tensor | None = None,
     autocast_dtype: torch.dtype | None = None,
+    d_noise: float = 0.0,
 ) -> dict[str, float]:
     """One update of D, then of E and G, on a normalized batch x (B, C, H, W).
 
     With ``mask`` (B, 1, H, W), 1 = hole, the encoder sees the image with the holes filled with
     zeros (the normalized dataset mean) and the loss targets the whole image, which teaches the
-    model to complete holes in one pass. Returns the named loss terms as floats.
+    model to complete holes in one pass. ``d_noise`` > 0 adds Gaussian instance noise of that
+    std to every input of D's own update (not to E/G's pass), so D cannot win on fine texture
+    alone. Returns the named loss terms as floats.
     """
     E, G, D = model.encoder, model.generator, model.discriminator
     device_type = x.device.type
@@ -82,7 +85,10 @@ def train_step(
         x_rec = G(z)
         x_prior = G(torch.randn_like(mu))
         # D has no batch statistics, so one call on the three batches equals three calls
-        logits, _ = D(torch.cat([x, x_rec.detach(), x_prior.detach()]))  # (3B, 1)
+        d_in = torch.cat([x, x_rec.detach(), x_prior.detach()])  # (3B, C, H, W)
+        if d_noise > 0:
+            d_in = d_in + d_noise * torch.randn_like(d_in)
+        logits, _ = D(d_in)  # (3B, 1)
         logit_real, logit_rec, logit_prior = logits.chunk(3)
         loss_d = losses.adv.discriminator_loss(logit_real, logit_rec, logit_prior)
     _zero_grad(D)

@@ -93,3 +93,31 @@ def test_random_masks_cover_a_rectangle() -> None:
     assert m.shape == (50, 1, 32, 32)
     area = m.sum(dim=(1, 2, 3))
     assert bool((area >= 16).all()) and bool((area <= 16 * 16).all())
+
+
+def test_instance_noise_reaches_only_the_discriminator_update() -> None:
+    """d_noise perturbs D's own inputs: with the same seed D's step differs, E/G see clean x."""
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    runs = {}
+    for noise in (0.0, 0.5):
+        m, opt, losses = _setup(seed=3)
+        torch.manual_seed(7)
+        terms = train_step(m, x, opt, losses, d_noise=noise)
+        runs[noise] = (terms, [p.detach().clone() for p in m.discriminator.parameters()])
+    (t0, d0), (t1, d1) = runs[0.0], runs[0.5]
+    assert t0["adv_d"] != t1["adv_d"]  # D's loss was computed on noisy inputs
+    assert any(not torch.equal(a, b) for a, b in zip(d0, d1, strict=True))
+
+
+def test_discriminator_learning_rate_scale() -> None:
+    from trainer.config import TrainConfig
+    from trainer.loop import _build
+
+    cfg = TrainConfig(lr=1e-3, d_lr_scale=0.25)
+    _, opt, _ = _build(ModelConfig(num_channels=1, image_size=28, latent_dim=8, base_width=4), cfg, torch.device("cpu"))
+    assert opt.discriminator.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    assert opt.encoder.param_groups[0]["lr"] == opt.generator.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="d_lr_scale"):
+        TrainConfig(d_lr_scale=0)
+    with pytest.raises(ValueError, match="d_noise"):
+        TrainConfig(d_noise=-1)
