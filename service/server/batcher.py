@@ -1,20 +1,27 @@
-"""Dynamic batching: merge concurrent requests into one ONNX Runtime run per graph.
+"""Dynamic batching: merge concurrent requests into one ONNX Runtime run per merged batch.
 
-As Triton's dynamic batcher: requests queue up; when a model instance is free, the batcher takes
-the queued images in arrival order up to ``max_batch_size``, waiting at most ``max_delay_s``
-after the oldest one arrived for the batch to fill. Under load, the queue fills while the model
-runs, so batches form with no added delay. The merged batch goes through ``run`` once on an
-executor thread (the server's :class:`~service.server.pipeline.BatchRunner`: one
-:meth:`Runtime.forward <service.runtime.Runtime.forward>` call, i.e. one run per graph), and
-each request gets its own rows back, in order. A request larger than
-``max_batch_size`` is split into chunks, which may share runs with other requests.
+As Triton's dynamic batcher: requests queue up; when a model instance is free, it takes the
+queued images in arrival order up to ``max_batch_size``, waiting at most ``max_delay_s`` after
+the oldest one arrived for the batch to fill. Under load, the queue fills while the model runs,
+so batches form with no added delay. The merged batch goes through ``run`` once (the server's
+:class:`~service.server.pipeline.BatchRunner`: one
+:meth:`Runtime.forward <service.runtime.Runtime.forward>` call), and each request gets its own
+rows back, in order. A request larger than ``max_batch_size`` is split into chunks, which may
+share runs with other requests.
+
+Each model instance is a worker thread (on the given executor) that collects its next batch
+*itself*, from a thread-safe queue, the moment its previous run ends. The event loop only
+enqueues requests and hands results back (one callback per merged batch): a busy loop, with
+hundreds of gRPC calls to serve, never stands between the model and its next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -49,7 +56,7 @@ def concat_forwards(parts: list[Forward]) -> Forward:
 class _Item(Generic[Out]):
     x: np.ndarray  # (n, ...) with n <= max_batch_size
     future: asyncio.Future[Out]
-    enqueued: float  # loop.time() at arrival
+    enqueued: float  # time.monotonic() at arrival
 
 
 class DynamicBatcher(Generic[Out]):
@@ -60,7 +67,8 @@ class DynamicBatcher(Generic[Out]):
     :class:`~service.runtime.Forward`); it may fill ``timings`` (name -> seconds) for the
     metrics. ``concat`` joins the parts of a request that was split over several runs.
     ``finish(out)``, if given, post-processes each merged result on ``finish_executor`` while
-    the model already runs the next batch (a two-stage pipeline).
+    the model already runs the next batch (a two-stage pipeline). ``instances`` worker threads
+    run on ``executor`` from :meth:`start` to :meth:`close` (it needs that many threads free).
     """
 
     def __init__(
@@ -87,55 +95,63 @@ class DynamicBatcher(Generic[Out]):
         self.max_delay_s = max_delay_s
         self.instances = instances
         self.metrics = metrics
+        self._cond = threading.Condition()  # guards the queue and the flags below
         self._queue: collections.deque[_Item[Out]] = collections.deque()
         self._queued_images = 0
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(instances)
-        self._running: set[asyncio.Task[None]] = set()
-        self._task: asyncio.Task[None] | None = None
-        self._draining = False
+        self._draining = False  # run what is queued without waiting for batches to fill
+        self._closing = False  # workers exit once the queue is empty
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: list[concurrent.futures.Future[None]] = []
+        self._finishing: set[concurrent.futures.Future[None]] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Start the batching loop on the running event loop."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        """Start the worker threads; results come back to the running event loop."""
+        if self._workers:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._workers = [self.executor.submit(self._worker) for _ in range(self.instances)]
 
     def drain(self) -> None:
         """Stop waiting for batches to fill: run what is queued at once (shutdown)."""
-        self._draining = True
-        self._wakeup.set()
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
 
     async def close(self) -> None:
-        """Stop the loop; queued requests fail with UNAVAILABLE, running batches finish."""
-        self.drain()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        while self._queue:
-            item = self._queue.popleft()
+        """Stop the workers; queued requests fail with UNAVAILABLE, running batches finish."""
+        with self._cond:
+            self._draining = self._closing = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued_images = 0
+            self._cond.notify_all()
+        for item in pending:
             if not item.future.done():
                 item.future.set_exception(ModelNotReady("the server is shutting down"))
-        self._queued_images = 0
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        for worker in self._workers:  # a worker exits after handing over its last batch
+            await asyncio.wrap_future(worker)
+        while self._finishing:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in self._finishing.copy()), return_exceptions=True)
+        await asyncio.sleep(0)  # let the results posted to the loop be delivered
+        self._workers = []
 
     # ---- the API ------------------------------------------------------------------------
     async def infer(self, x: np.ndarray) -> Out:
         """``run(x)`` for a batch (N, ...), merged with other calls' inputs."""
-        if self._task is None or self._task.done():
+        if not self._workers or self._closing or any(w.done() for w in self._workers):
             raise ModelNotReady("the model is not serving")
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         futures = []
-        for start in range(0, len(x), self.max_batch_size):
-            chunk = x[start : start + self.max_batch_size]  # (n <= max_batch_size, ...)
-            future: asyncio.Future[Out] = loop.create_future()
-            self._queue.append(_Item(chunk, future, now))
-            self._queued_images += len(chunk)
-            futures.append(future)
-        self._wakeup.set()
+        with self._cond:
+            for start in range(0, len(x), self.max_batch_size):
+                chunk = x[start : start + self.max_batch_size]  # (n <= max_batch_size, ...)
+                future: asyncio.Future[Out] = loop.create_future()
+                self._queue.append(_Item(chunk, future, now))
+                self._queued_images += len(chunk)
+                futures.append(future)
+            self._cond.notify()
         if len(futures) == 1:
             return await futures[0]  # cancelling the caller cancels the future
         try:
@@ -149,82 +165,85 @@ class DynamicBatcher(Generic[Out]):
             raise
         return self.concat(list(parts))
 
-    # ---- the loop -----------------------------------------------------------------------
-    async def _loop(self) -> None:
-        while True:
-            await self._slots.acquire()  # released by _run once its model run is over
+    # ---- the worker threads -------------------------------------------------------------
+    def _collect(self) -> list[_Item[Out]] | None:
+        """The next batch: queued items in order, up to max_batch_size images (None: exit)."""
+        with self._cond:
+            while True:
+                while not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                deadline = self._queue[0].enqueued + self.max_delay_s
+                while not self._draining and self._queued_images < self.max_batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch: list[_Item[Out]] = []
+                size = 0
+                while self._queue and size + len(self._queue[0].x) <= self.max_batch_size:
+                    item = self._queue.popleft()
+                    self._queued_images -= len(item.x)
+                    if not item.future.done():  # skip requests cancelled while queued
+                        batch.append(item)
+                        size += len(item.x)
+                if batch:
+                    return batch
+
+    def _worker(self) -> None:
+        while (batch := self._collect()) is not None:
+            started = time.monotonic()
+            x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch])  # (N, ...)
+            timings: dict[str, float] = {}
             try:
-                batch = await self._collect()
-            except BaseException:
-                self._slots.release()
-                raise
-            task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+                out = self.run(x, timings)
+            except Exception as e:  # every waiter gets the failure; the worker goes on
+                self._post(self._fail, batch, e)
+                continue
+            if self.metrics is not None:
+                for it in batch:
+                    self.metrics.queue_wait.observe(started - it.enqueued)
+                self.metrics.observe_batch(len(x), timings)
+            logger.debug("ran a batch of %d from %d requests in %.1f ms", len(x), len(batch),
+                         (time.monotonic() - started) * 1e3)
+            if self.finish is not None and self.finish_executor is not None:
+                job = self.finish_executor.submit(self._finish, batch, out)
+                self._finishing.add(job)
+                job.add_done_callback(self._finishing.discard)
+            else:
+                self._finish(batch, out)
 
-    async def _wait(self, timeout: float | None) -> bool:
-        """Wait for a new item (or drain); False on timeout."""
-        self._wakeup.clear()
+    def _finish(self, batch: list[_Item[Out]], out: Out) -> None:
+        """Post-process (``finish``), cut into each request's rows, hand over to the loop."""
         try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    async def _collect(self) -> list[_Item[Out]]:
-        """The next batch: queued items in order, up to max_batch_size images."""
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                await self._wait(None)
-            deadline = self._queue[0].enqueued + self.max_delay_s
-            while not self._draining and self._queued_images < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0 or not await self._wait(remaining):
-                    break
-            batch: list[_Item[Out]] = []
-            size = 0
-            while self._queue and size + len(self._queue[0].x) <= self.max_batch_size:
-                item = self._queue.popleft()
-                self._queued_images -= len(item.x)
-                if not item.future.done():  # skip requests cancelled while queued
-                    batch.append(item)
-                    size += len(item.x)
-            if batch:
-                return batch
-
-    async def _run(self, batch: list[_Item[Out]]) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch])  # (N, ...)
-        try:
-            try:
-                out, seconds, timings = await loop.run_in_executor(self.executor, self._timed, x)
-            finally:
-                self._slots.release()  # the model is free: the next batch may start
             if self.finish is not None:
-                out = await loop.run_in_executor(self.finish_executor, self.finish, out)
-        except BaseException as e:  # every waiter gets the failure; the loop goes on
+                out = self.finish(out)
+            parts, offset = [], 0
             for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
+                parts.append(out[offset : offset + len(it.x)])
+                offset += len(it.x)
+        except Exception as e:
+            self._post(self._fail, batch, e)
             return
-        if self.metrics is not None:
-            for it in batch:
-                self.metrics.queue_wait.observe(started - it.enqueued)
-            self.metrics.observe_batch(len(x), timings)
-        offset = 0
-        for it in batch:
-            n = len(it.x)
-            if not it.future.done():
-                it.future.set_result(out[offset : offset + n])  # type: ignore[arg-type]
-            offset += n
-        logger.debug("ran a batch of %d from %d requests in %.1f ms", len(x), len(batch), seconds * 1e3)
+        self._post(self._deliver, batch, parts)
 
-    def _timed(self, x: np.ndarray) -> tuple[Out, float, dict[str, float]]:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        out = self.run(x, timings)
-        return out, time.perf_counter() - t0, timings
+    def _post(self, fn: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            logger.debug("batch result dropped: the event loop is closed")
+
+    # ---- on the event loop --------------------------------------------------------------
+    @staticmethod
+    def _deliver(batch: list[_Item[Out]], parts: list[Out]) -> None:
+        for it, part in zip(batch, parts, strict=True):
+            if not it.future.done():
+                it.future.set_result(part)
+
+    @staticmethod
+    def _fail(batch: list[_Item[Out]], exc: Exception) -> None:
+        for it in batch:
+            if not it.future.done():
+                it.future.set_exception(exc)

@@ -137,3 +137,54 @@ def test_finish_stage_post_processes_each_merged_batch() -> None:
     np.testing.assert_array_equal(first.x_hat.ravel(), [101, 102, 103])
     np.testing.assert_array_equal(second.x_hat.ravel(), [111, 112])
     assert model.batches == [3, 2]
+
+
+def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy() -> None:
+    """Workers collect batches themselves: a blocked loop does not keep the model idle."""
+    model = FakeModel(delay=0.05)
+    starts: list[float] = []
+    original = model.__call__
+
+    def timed(x: np.ndarray, timings: dict[str, float]) -> Forward:
+        starts.append(time.perf_counter())
+        return original(x, timings)
+
+    async def go(b: DynamicBatcher):
+        first = asyncio.ensure_future(b.infer(_x(1)))
+        await asyncio.sleep(0.01)  # the first batch is running
+        second = asyncio.ensure_future(b.infer(_x(1, 5.0)))
+        await asyncio.sleep(0)  # queued
+        blocked_from = time.perf_counter()
+        time.sleep(0.3)  # the event loop is stuck (a slow callback): the model is not
+        blocked_to = time.perf_counter()
+        out = await asyncio.gather(first, second)
+        return out, blocked_from, blocked_to
+
+    (a, b2), t0, t1 = _run(go, timed, max_batch_size=1, max_delay_s=0.0)  # type: ignore[arg-type]
+    assert len(starts) == 2 and t0 < starts[1] < t1  # the second run began during the block
+    np.testing.assert_array_equal(b2.x_hat.ravel(), [6.0])
+
+
+def test_close_finishes_running_batches_and_fails_queued_ones() -> None:
+    from service.runtime import ModelNotReady
+
+    model = FakeModel(delay=0.1)
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            b = DynamicBatcher(model, pool, concat=concat_forwards, max_batch_size=1, max_delay_s=0.0)
+            b.start()
+            running = asyncio.ensure_future(b.infer(_x(1, 1.0)))
+            await asyncio.sleep(0.02)
+            queued = asyncio.ensure_future(b.infer(_x(1, 2.0)))
+            await asyncio.sleep(0)
+            await b.close()
+            results = await asyncio.gather(running, queued, return_exceptions=True)
+            with pytest.raises(ModelNotReady):
+                await b.infer(_x(1))
+            return results
+
+    done, failed = asyncio.run(main())
+    np.testing.assert_array_equal(done.x_hat.ravel(), [2.0])
+    assert isinstance(failed, ModelNotReady) and "shutting down" in str(failed)
+    assert model.batches == [1]
