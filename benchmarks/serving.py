@@ -3,9 +3,10 @@
     python benchmarks/serving.py --model runs/demo/bundle
 
 Baseline: :meth:`Runtime.forward` on pre-normalized batches, no server, measured before and
-after the service scenarios and averaged (this machine's speed drifts over minutes). Service: ``python -m service.server`` in a subprocess, driven by a grpc.aio client
-in this process with pre-built requests (raw uint8 tensors at model size), so the service's
-numbers include gRPC, decoding, preprocessing, batching, scoring and response building.
+after the service scenarios and averaged (this machine's speed drifts over minutes).
+Service: ``python -m service.server`` in a subprocess, driven by a grpc.aio client in this
+process with pre-built requests (raw uint8 tensors at model size), so the service's numbers
+include gRPC, decoding, preprocessing, batching, scoring and response building.
 
   (a) requests of ``--request-size`` images (default 64 = max batch), a few in flight;
       compared with bare ONNX Runtime at that batch size. Target: ratio >= 0.85.

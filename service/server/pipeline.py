@@ -1,11 +1,11 @@
-"""The model-side work of one merged batch: run the three graphs, then score.
+"""The model-side work of one merged batch: run the model, then score.
 
 The dynamic batcher runs a :class:`BatchRunner` on the merged uint8 images of many requests
-(at model size): the ONNX Runtime thread normalizes the merged batch once and runs the three
-graphs, and the scores follow on a CPU thread. Scoring the whole batch at once with the model's own weights and threshold costs
-about as much as scoring one image, so every request with default options gets its rows of
-that :class:`ScoredBatch`; requests that override weights or the threshold re-score their own
-rows of the Forward.
+(at model size): the model worker normalizes the merged batch once and runs E -> G -> D (one
+call of the composed graph), and the scores follow on a CPU thread. Scoring the whole batch at
+once with the model's own weights and threshold costs about as much as scoring one image, so
+every request with default options gets its rows of that :class:`ScoredBatch`; requests that
+override weights or the threshold re-score their own rows of the Forward.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class BatchRunner:
     """The two stages of a merged batch.
 
     ``runner(x, timings)`` on the ONNX Runtime thread: x uint8 (N, H, W, C) at model size ->
-    normalized (N, C, H, W) -> the three graphs (``timings`` gets each graph's seconds and
-    ``forward`` for all three).
+    normalized (N, C, H, W) -> :meth:`Runtime.forward` (``timings`` gets each ONNX Runtime
+    call's seconds, and ``forward`` for the whole step).
     ``runner.score(batch)`` on a CPU thread, while the model runs the next batch: the scores
     under the model's own weights and threshold, for every request that uses them.
     """
