@@ -22,7 +22,7 @@ class TrainConfig:
     feature_weight: float = 1.0  # Larsen's reconstruction in D's feature layer
     pixel_weight: float = 1.0  # plain pixel MSE
     adv_weight: float = 0.01  # adversarial term for G (and the scale of D's loss)
-    adv_loss: str = "bce"  # bce | lsgan | none (plain VAE)
+    adv_loss: str = "lsgan"  # lsgan | bce | none (plain VAE); lsgan: see README, MNIST benchmark
     d_lr_scale: float = 1.0  # D's learning rate = lr * d_lr_scale (a slower D saturates later)
     d_noise: float = 0.0  # std of Gaussian instance noise on D's inputs in its own update
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)

@@ -54,7 +54,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--feature-weight", type=float, default=1.0, help="reconstruction in D's feature layer")
     g.add_argument("--pixel-weight", type=float, default=1.0, help="pixel MSE reconstruction")
     g.add_argument("--adv-weight", type=float, default=0.01, help="adversarial weight (0 or --adv-loss none: plain VAE)")
-    g.add_argument("--adv-loss", default="bce", choices=["bce", "lsgan", "none"])
+    g.add_argument("--adv-loss", default="lsgan", choices=["lsgan", "bce", "none"])
     g.add_argument("--d-lr-scale", type=float, default=1.0, help="D's learning rate = --lr times this")
     g.add_argument("--d-noise", type=float, default=0.0, help="std of instance noise on D's inputs in its update")
     g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")
