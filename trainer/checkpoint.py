@@ -27,10 +27,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> VAEGAN:
-    """Rebuild the network from the config stored in the checkpoint and load its weights."""
+def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "scoring") -> VAEGAN:
+    """Rebuild the network from the config stored in the checkpoint and load its weights.
+
+    ``weights="scoring"``: the weights to score and export with, i.e. the exponential moving
+    average when training kept one (``--ema-decay``), else the trained weights;
+    ``"training"``: the trained weights (what ``--resume`` continues from).
+    """
+    if weights not in ("scoring", "training"):
+        raise ValueError(f"weights must be scoring or training, got {weights!r}")
+    state = ckpt["state"]
+    if weights == "scoring" and ckpt.get("ema_state") is not None:
+        state = ckpt["ema_state"]
     model = VAEGAN(ModelConfig.from_dict(ckpt["model_config"]))
-    model.encoder.load_state_dict(ckpt["state"]["encoder"])
-    model.generator.load_state_dict(ckpt["state"]["generator"])
-    model.discriminator.load_state_dict(ckpt["state"]["discriminator"])
+    model.encoder.load_state_dict(state["encoder"])
+    model.generator.load_state_dict(state["generator"])
+    model.discriminator.load_state_dict(state["discriminator"])
     return model.eval()

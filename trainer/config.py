@@ -25,6 +25,7 @@ class TrainConfig:
     adv_loss: str = "lsgan"  # lsgan | bce | none (plain VAE); lsgan: see README, MNIST benchmark
     d_lr_scale: float = 1.0  # D's learning rate = lr * d_lr_scale (a slower D saturates later)
     d_noise: float = 0.0  # std of Gaussian instance noise on D's inputs in its own update
+    ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
     val_fraction: float = 0.1  # held-out normal images for calibration, never trained on
     max_train: int | None = None  # cap on training images (quick runs)
@@ -47,6 +48,8 @@ class TrainConfig:
             raise ValueError(f"select_checkpoint must be best or last, got {self.select_checkpoint!r}")
         if self.d_lr_scale <= 0 or self.d_noise < 0:
             raise ValueError("d_lr_scale must be > 0 and d_noise >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

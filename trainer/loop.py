@@ -5,6 +5,7 @@ Reads top to bottom: :func:`fit` is the whole run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -95,6 +96,19 @@ def components_torch(model: VAEGAN, x_all: torch.Tensor, device: torch.device) -
     return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model for parameters, with d = min(decay, (1 + step) / (10 +
+    step)) so the first steps do not leave the average stuck near the random initialization;
+    buffers (BatchNorm statistics, spectral-norm vectors) are copied, as their averages mean
+    nothing."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(p, 1.0 - d)
+    for be, b in zip(ema.buffers(), model.buffers(), strict=True):
+        be.copy_(b)
+
+
 def _validate(model: VAEGAN, x_val: torch.Tensor, x_corrupt: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Held-out normal reconstruction errors, and how well the best weighting separates the
     held-out normals from corrupted copies (the label-free model-selection signal)."""
@@ -145,11 +159,17 @@ def fit(
         ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location=device)
         if ckpt["model_config"] != model_cfg.to_dict():
             raise ValueError("--resume: the checkpoint's model config differs from this run's")
-        loaded = model_from_checkpoint(ckpt).to(device)
+        loaded = model_from_checkpoint(ckpt, weights="training").to(device)
         model.load_state_dict(loaded.state_dict())
         opt.load_state_dict(ckpt["optim"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         logger.info("resumed from epoch %d", start_epoch)
+    ema = None  # the moving average scored, selected and exported (cfg.ema_decay > 0)
+    if cfg.ema_decay > 0:
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if resume and start_epoch > 0 and ckpt.get("ema_state") is not None:
+            ema.load_state_dict(model_from_checkpoint(ckpt).to(device).state_dict())
+    scored = model if ema is None else ema
 
     x_train, x_val = to_tensor(train.images, spec), to_tensor(val.images, spec)
     x_corrupt = to_tensor(corrupt(val.images, seed=cfg.seed)[0], spec)
@@ -178,6 +198,8 @@ def fit(
             if cfg.mask_prob > 0 and torch.rand(1, generator=gen).item() < cfg.mask_prob:
                 mask = random_masks(len(x), spec.height, generator=gen).to(device)
             terms = train_step(model, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise)
+            if ema is not None:
+                update_ema(ema, model, cfg.ema_decay, epoch * steps_per_epoch + step)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
@@ -185,14 +207,14 @@ def fit(
                 for k, v in terms.items():
                     writer.add_scalar(f"train/{k}", v, epoch * steps_per_epoch + step)
         n_steps = max(1, step + 1)
-        row = {"epoch": epoch + 1, **{k: v / n_steps for k, v in sums.items()}, **_validate(model, x_val, x_corrupt, device)}
+        row = {"epoch": epoch + 1, **{k: v / n_steps for k, v in sums.items()}, **_validate(scored, x_val, x_corrupt, device)}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         if writer is not None:
             for k in ("val_pixel", "val_feature"):
                 writer.add_scalar(f"val/{k}", row[k], epoch + 1)
-            _log_images(writer, model, x_val[:16].to(device), epoch + 1)
+            _log_images(writer, scored, x_val[:16].to(device), epoch + 1)
         payload = {
             "model_config": model_cfg.to_dict(),
             "train_config": cfg.to_dict(),
@@ -205,6 +227,11 @@ def fit(
                 "discriminator": model.discriminator.state_dict(),
             },
             "optim": opt.state_dict(),
+            "ema_state": None if ema is None else {
+                "encoder": ema.encoder.state_dict(),
+                "generator": ema.generator.state_dict(),
+                "discriminator": ema.discriminator.state_dict(),
+            },
         }
         save_checkpoint(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", payload)
         save_checkpoint(ckpt_dir / "last.pt", payload)
