@@ -193,26 +193,29 @@ class DynamicBatcher(Generic[Out]):
 
     def _worker(self) -> None:
         while (batch := self._collect()) is not None:
-            started = time.monotonic()
-            x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch])  # (N, ...)
-            timings: dict[str, float] = {}
             try:
-                out = self.run(x, timings)
+                self._process(batch)
             except Exception as e:  # every waiter gets the failure; the worker goes on
                 self._post(self._fail, batch, e)
-                continue
-            if self.metrics is not None:
-                for it in batch:
-                    self.metrics.queue_wait.observe(started - it.enqueued)
-                self.metrics.observe_batch(len(x), timings)
-            logger.debug("ran a batch of %d from %d requests in %.1f ms", len(x), len(batch),
-                         (time.monotonic() - started) * 1e3)
-            if self.finish is not None and self.finish_executor is not None:
-                job = self.finish_executor.submit(self._finish, batch, out)
-                self._finishing.add(job)
-                job.add_done_callback(self._finishing.discard)
-            else:
-                self._finish(batch, out)
+
+    def _process(self, batch: list[_Item[Out]]) -> None:
+        """Run one merged batch and hand it to the finish stage (or straight to the loop)."""
+        started = time.monotonic()
+        x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch])  # (N, ...)
+        timings: dict[str, float] = {}
+        out = self.run(x, timings)
+        if self.metrics is not None:
+            for it in batch:
+                self.metrics.queue_wait.observe(started - it.enqueued)
+            self.metrics.observe_batch(len(x), timings)
+        logger.debug("ran a batch of %d from %d requests in %.1f ms", len(x), len(batch),
+                     (time.monotonic() - started) * 1e3)
+        if self.finish is not None and self.finish_executor is not None:
+            job = self.finish_executor.submit(self._finish, batch, out)
+            self._finishing.add(job)
+            job.add_done_callback(self._finishing.discard)
+        else:
+            self._finish(batch, out)
 
     def _finish(self, batch: list[_Item[Out]], out: Out) -> None:
         """Post-process (``finish``), cut into each request's rows, hand over to the loop."""

@@ -188,3 +188,30 @@ def test_close_finishes_running_batches_and_fails_queued_ones() -> None:
     np.testing.assert_array_equal(done.x_hat.ravel(), [2.0])
     assert isinstance(failed, ModelNotReady) and "shutting down" in str(failed)
     assert model.batches == [1]
+
+
+def test_a_failed_finish_stage_fails_its_requests_and_the_worker_goes_on() -> None:
+    model = FakeModel()
+    calls = {"n": 0}
+
+    def finish(f: Forward) -> Forward:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("scoring broke")
+        return f
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as post:
+            b = DynamicBatcher(model, pool, concat=concat_forwards, finish=finish, finish_executor=post,
+                               max_batch_size=4, max_delay_s=0.0)
+            b.start()
+            try:
+                with pytest.raises(ValueError, match="scoring broke"):
+                    await b.infer(_x(2))
+                return await b.infer(_x(3, 7.0))
+            finally:
+                await b.close()
+
+    fwd = asyncio.run(main())
+    np.testing.assert_array_equal(fwd.x_hat.ravel(), [8.0, 9.0, 10.0])
+    assert model.batches == [2, 3]
