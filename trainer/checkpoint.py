@@ -9,7 +9,14 @@ import torch
 
 from models import VAEGAN, ModelConfig
 
-__all__ = ["load_checkpoint", "model_from_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint", "model_from_checkpoint", "network_states", "save_checkpoint"]
+
+NETWORKS = ("encoder", "generator", "discriminator")
+
+
+def network_states(model: VAEGAN) -> dict[str, dict[str, torch.Tensor]]:
+    """The three networks' state dicts, as checkpoints store them (``state``, ``ema_state``)."""
+    return {k: getattr(model, k).state_dict() for k in NETWORKS}
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -40,7 +47,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "scoring") -> VAE
     if weights == "scoring" and ckpt.get("ema_state") is not None:
         state = ckpt["ema_state"]
     model = VAEGAN(ModelConfig.from_dict(ckpt["model_config"]))
-    model.encoder.load_state_dict(state["encoder"])
-    model.generator.load_state_dict(state["generator"])
-    model.discriminator.load_state_dict(state["discriminator"])
+    for k in NETWORKS:
+        getattr(model, k).load_state_dict(state[k])
     return model.eval()

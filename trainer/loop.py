@@ -19,7 +19,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
 from service.runtime.preprocess import ImageSpec, normalize
-from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    network_states,
+    save_checkpoint,
+)
 from trainer.config import TrainConfig
 from trainer.data import ImageSet
 from trainer.selection import corrupt, select_weights
@@ -221,17 +226,9 @@ def fit(
             "image_spec": spec.to_dict(),
             "epoch": epoch + 1,
             "history": history,
-            "state": {
-                "encoder": model.encoder.state_dict(),
-                "generator": model.generator.state_dict(),
-                "discriminator": model.discriminator.state_dict(),
-            },
+            "state": network_states(model),
             "optim": opt.state_dict(),
-            "ema_state": None if ema is None else {
-                "encoder": ema.encoder.state_dict(),
-                "generator": ema.generator.state_dict(),
-                "discriminator": ema.discriminator.state_dict(),
-            },
+            "ema_state": None if ema is None else network_states(ema),
         }
         save_checkpoint(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", payload)
         save_checkpoint(ckpt_dir / "last.pt", payload)

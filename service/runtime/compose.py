@@ -31,6 +31,13 @@ def _load(path: Path, prefix: str) -> onnx.ModelProto:
     return compose.add_prefix(onnx.load(str(path)), prefix)
 
 
+def _renamed(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(info)
+    out.name = name
+    return out
+
+
 def compose_pipeline(encoder: Path, generator: Path, discriminator: Path) -> bytes:
     """The serialized composed model (see the module docstring); raises ValueError when the
     three graphs cannot be joined (different opsets or IR versions, unexpected names)."""
@@ -53,13 +60,12 @@ def compose_pipeline(encoder: Path, generator: Path, discriminator: Path) -> byt
     if names != expected:
         raise ValueError(f"unexpected graph inputs/outputs: {names}")
 
-    x_info = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)
-    x_info.type.CopyFrom(e.graph.input[0].type)
-    outputs = []
-    for new, old in (("x_hat", g.graph.output[0]), ("logit", d.graph.output[0]), ("features", d.graph.output[1])):
-        info = helper.make_tensor_value_info(new, onnx.TensorProto.FLOAT, None)
-        info.type.CopyFrom(old.type)
-        outputs.append(info)
+    x_info = _renamed(e.graph.input[0], "x")
+    outputs = [
+        _renamed(g.graph.output[0], "x_hat"),
+        _renamed(d.graph.output[0], "logit"),
+        _renamed(d.graph.output[1], "features"),
+    ]
     nodes = [
         helper.make_node("Identity", ["x"], ["e/x"], name="pipeline/input"),
         *e.graph.node,

@@ -30,10 +30,10 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from service.runtime import Forward, ModelNotReady
+from service.runtime import ModelNotReady
 from service.server.metrics import ServerMetrics
 
-__all__ = ["Batched", "DynamicBatcher", "concat_forwards"]
+__all__ = ["Batched", "DynamicBatcher"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,6 @@ class Batched(Protocol):
 
 
 Out = TypeVar("Out", bound=Batched)
-
-
-def concat_forwards(parts: list[Forward]) -> Forward:
-    """Concatenate Forwards along the batch axis (the inverse of slicing)."""
-    return Forward.concat(parts)
 
 
 @dataclass

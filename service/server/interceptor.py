@@ -38,7 +38,8 @@ def _request_id(metadata: Any) -> str:
 
 
 class _Call:
-    """Bookkeeping of one call: context var, in-flight gauge, final code, duration, log line."""
+    """``async with`` one call: context var, in-flight gauge, final code, duration, log line,
+    and the exception -> status mapping (the one place unary and streaming calls share)."""
 
     def __init__(self, metrics: ServerMetrics, method: str, rid: str, context: grpc.aio.ServicerContext) -> None:
         self.metrics, self.method, self.rid, self.context = metrics, method, rid, context
@@ -46,28 +47,37 @@ class _Call:
         self.metadata = ((REQUEST_ID_KEY, rid),)
         self.in_flight = metrics.in_flight.labels(method)
 
-    def __enter__(self) -> _Call:
+    async def __aenter__(self) -> _Call:
         self.token = request_id.set(self.rid)
         self.start = time.perf_counter()
         self.in_flight.inc()
         self.context.set_trailing_metadata(self.metadata)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        seconds = time.perf_counter() - self.start
-        self.in_flight.dec()
-        self.metrics.requests.labels(self.method, self.code.name).inc()
-        self.metrics.latency.labels(self.method).observe(seconds)
-        if logger.isEnabledFor(logging.INFO):  # peer() is not free; skip it when not logged
-            logger.info("%s %s %.1fms peer=%s", self.method, self.code.name, seconds * 1e3, self.context.peer())
-        request_id.reset(self.token)
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Record the outcome; an unexpected exception becomes ``context.abort`` (AbortError)."""
+        try:
+            if isinstance(exc, asyncio.CancelledError):
+                self._cancelled()
+            elif isinstance(exc, grpc.aio.AbortError):
+                self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            elif isinstance(exc, Exception):
+                await self._fail(exc)
+        finally:
+            seconds = time.perf_counter() - self.start
+            self.in_flight.dec()
+            self.metrics.requests.labels(self.method, self.code.name).inc()
+            self.metrics.latency.labels(self.method).observe(seconds)
+            if logger.isEnabledFor(logging.INFO):  # peer() is not free; skip it when not logged
+                logger.info("%s %s %.1fms peer=%s", self.method, self.code.name, seconds * 1e3, self.context.peer())
+            request_id.reset(self.token)
 
-    def cancelled(self) -> None:
+    def _cancelled(self) -> None:
         remaining = self.context.time_remaining()
         expired = remaining is not None and remaining <= 0
         self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
-    async def fail(self, exc: Exception) -> None:
+    async def _fail(self, exc: Exception) -> None:
         """Abort the call with the status ``exc`` maps to (raises grpc.aio.AbortError)."""
         self.code, message, is_bug = to_status(exc, self.rid)
         if is_bug:
@@ -75,9 +85,6 @@ class _Call:
         else:
             logger.info("%s rejected: %s: %s", self.method, self.code.name, message)
         await self.context.abort(self.code, message, trailing_metadata=self.metadata)
-
-    def aborted(self) -> None:
-        self.code = self.context.code() or grpc.StatusCode.UNKNOWN
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -114,33 +121,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Callable[..., Any], method: str, rid: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _Call(self.metrics, method, rid, context) as call:
-                try:
-                    return await behavior(request, context)
-                except asyncio.CancelledError:
-                    call.cancelled()
-                    raise
-                except grpc.aio.AbortError:
-                    call.aborted()
-                    raise
-                except Exception as e:
-                    await call.fail(e)
+            async with _Call(self.metrics, method, rid, context):
+                return await behavior(request, context)
 
         return wrapped
 
     def _stream(self, behavior: Callable[..., Any], method: str, rid: str) -> Callable[..., Any]:
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with _Call(self.metrics, method, rid, context) as call:
-                try:
-                    async for response in behavior(request_iterator, context):
-                        yield response
-                except asyncio.CancelledError:
-                    call.cancelled()
-                    raise
-                except grpc.aio.AbortError:
-                    call.aborted()
-                    raise
-                except Exception as e:
-                    await call.fail(e)
+            async with _Call(self.metrics, method, rid, context):
+                async for response in behavior(request_iterator, context):
+                    yield response
 
         return wrapped

@@ -17,7 +17,6 @@ import numpy as np
 
 from service.runtime import Forward, Runtime, ScoreResult
 from service.runtime.preprocess import normalize
-from service.server.batcher import concat_forwards
 
 __all__ = ["BatchRunner", "ScoredBatch", "concat_scored", "slice_result"]
 
@@ -66,7 +65,7 @@ def concat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
         return parts[0]
     results = [p.result for p in parts]
     result = None if any(r is None for r in results) else _concat_results(results)  # type: ignore[arg-type]
-    return ScoredBatch(concat_forwards([p.fwd for p in parts]), result)
+    return ScoredBatch(Forward.concat([p.fwd for p in parts]), result)
 
 
 class BatchRunner:

@@ -118,17 +118,22 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
     async def _inputs(
         self, request: pb.ScoreRequest, rt: Runtime, opts: convert.ScoreOptions
     ) -> tuple[list[np.ndarray], np.ndarray]:
-        """(decoded originals if repairs need them, uint8 (N, H, W, C) batch at model size)."""
-        if not opts.repaired and len(request.images) <= INLINE_MAX:  # cheap: no thread hop
+        """(decoded originals if repairs need them, uint8 (N, H, W, C) batch at model size).
+
+        Raw uint8 tensors at model size are read as they are: for small requests on the event
+        loop (no thread hop), else on the worker pool, where anything else is decoded."""
+        try_raw = not opts.repaired
+        if try_raw and len(request.images) <= INLINE_MAX:
             x = convert.raw_model_batch(request.images, rt.spec, self.limits)
             if x is not None:
                 return [], x
-        return await self._in_pool(self._decode, request, rt, opts.repaired)
+            try_raw = False  # tried: not raw at model size
+        return await self._in_pool(self._decode, request, rt, try_raw)
 
     def _decode(
-        self, request: pb.ScoreRequest, rt: Runtime, need_originals: bool
+        self, request: pb.ScoreRequest, rt: Runtime, try_raw: bool
     ) -> tuple[list[np.ndarray], np.ndarray]:
-        if not need_originals:
+        if try_raw:
             x = convert.raw_model_batch(request.images, rt.spec, self.limits)
             if x is not None:
                 return [], x

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.runtime import Forward
-from service.server.batcher import DynamicBatcher, concat_forwards
+from service.server.batcher import DynamicBatcher
 
 
 class FakeModel:
@@ -38,7 +38,7 @@ def _x(n: int, start: float = 0.0) -> np.ndarray:
 def _run(coro_fn, model: FakeModel, **kw):
     async def main():
         with ThreadPoolExecutor(1) as pool:
-            batcher = DynamicBatcher(model, pool, concat=concat_forwards, **kw)
+            batcher = DynamicBatcher(model, pool, concat=Forward.concat, **kw)
             batcher.start()
             try:
                 return await coro_fn(batcher)
@@ -112,7 +112,7 @@ def test_a_failed_run_fails_its_requests_and_the_batcher_goes_on() -> None:
 
 def test_concat_forwards_inverts_slicing() -> None:
     f = FakeModel()(_x(5), {})
-    joined = concat_forwards([f[0:2], f[2:5]])
+    joined = Forward.concat([f[0:2], f[2:5]])
     for name in ("x", "x_hat", "logit", "feat_x", "feat_xhat"):
         np.testing.assert_array_equal(getattr(joined, name), getattr(f, name))
 
@@ -125,7 +125,7 @@ def test_finish_stage_post_processes_each_merged_batch() -> None:
 
     async def main():
         with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as post:
-            b = DynamicBatcher(model, pool, concat=concat_forwards, finish=finish, finish_executor=post,
+            b = DynamicBatcher(model, pool, concat=Forward.concat, finish=finish, finish_executor=post,
                                max_batch_size=4, max_delay_s=0.02)
             b.start()
             try:
@@ -172,7 +172,7 @@ def test_close_finishes_running_batches_and_fails_queued_ones() -> None:
 
     async def main():
         with ThreadPoolExecutor(1) as pool:
-            b = DynamicBatcher(model, pool, concat=concat_forwards, max_batch_size=1, max_delay_s=0.0)
+            b = DynamicBatcher(model, pool, concat=Forward.concat, max_batch_size=1, max_delay_s=0.0)
             b.start()
             running = asyncio.ensure_future(b.infer(_x(1, 1.0)))
             await asyncio.sleep(0.02)
@@ -202,7 +202,7 @@ def test_a_failed_finish_stage_fails_its_requests_and_the_worker_goes_on() -> No
 
     async def main():
         with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as post:
-            b = DynamicBatcher(model, pool, concat=concat_forwards, finish=finish, finish_executor=post,
+            b = DynamicBatcher(model, pool, concat=Forward.concat, finish=finish, finish_executor=post,
                                max_batch_size=4, max_delay_s=0.0)
             b.start()
             try:
