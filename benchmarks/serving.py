@@ -2,7 +2,8 @@
 
     python benchmarks/serving.py --model runs/demo/bundle
 
-Baseline: :meth:`Runtime.forward` on pre-normalized batches, no server, measured before and
+Baseline: :meth:`Runtime.forward_images` on uint8 batches at model size (what the server's
+model worker runs), no server, measured before and
 after the service scenarios and averaged (this machine's speed drifts over minutes).
 Service: ``python -m service.server`` in a subprocess, driven by a grpc.aio client in this
 process with pre-built requests (raw uint8 tensors at model size), so the service's numbers
@@ -56,14 +57,14 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 # ---- bare ONNX Runtime ----------------------------------------------------------------------
 def bare(rt: Runtime, batch_size: int, seconds: float) -> dict[str, Any]:
     s = rt.spec
-    x = np.random.default_rng(0).standard_normal((batch_size, s.channels, s.height, s.width)).astype(np.float32)
+    x = np.random.default_rng(0).integers(0, 256, (batch_size, s.height, s.width, s.channels), dtype=np.uint8)
     for _ in range(3):
-        rt.forward(x)
+        rt.forward_images(x)
     latencies = []
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         t = time.perf_counter()
-        rt.forward(x)
+        rt.forward_images(x)
         latencies.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - t0
     return {"batch_size": batch_size, "images_per_s": len(latencies) * batch_size / elapsed, **percentiles(latencies)}

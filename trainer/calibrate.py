@@ -10,7 +10,6 @@ import numpy as np
 
 from service.runtime import Calibration, Runtime
 from service.runtime.bundle import GRAPHS, load_bundle, write_manifest
-from service.runtime.preprocess import normalize
 from service.runtime.scoring import COMPONENTS, anomaly_map, raw_components
 from trainer.selection import corrupt, select_weights
 
@@ -23,8 +22,7 @@ def components_of(rt: Runtime, images: np.ndarray, batch: int = 256) -> tuple[di
     comps: dict[str, list[np.ndarray]] = {k: [] for k in COMPONENTS}
     maps = []
     for i in range(0, len(images), batch):
-        x = normalize(images[i : i + batch], rt.spec)
-        fwd = rt.forward(x)
+        fwd = rt.forward_images(images[i : i + batch])
         for k, v in raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit).items():
             comps[k].append(v)
         maps.append(anomaly_map(fwd.x, fwd.x_hat))

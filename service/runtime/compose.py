@@ -1,14 +1,17 @@
 """The scoring pipeline as one ONNX graph, composed at load time from the bundle's three graphs.
 
-    x[N,C,H,W] -> encoder -> mu -> generator -> x_hat[N,C,H,W]
+    images[N,H,W,C] uint8 -> x = transpose((images / 255 - mean) / std)[N,C,H,W]
+    x -> encoder -> mu -> generator -> x_hat[N,C,H,W]
     concat(x, x_hat)[2N,C,H,W] -> discriminator -> logit[2N,1], features[2N,F]
 
 Scoring then takes one ONNX Runtime call per batch instead of three, as a Triton ensemble
 would, but inside one session: no copies between graphs, and ONNX Runtime sees (and optimizes)
 the whole chain. In a Python server this matters more than the saved call overhead: a thread
-that runs ONNX Runtime must retake the GIL after every call, and while the event loop is busy
-each retake can wait up to the interpreter's switch interval (5 ms); one call per batch
-instead of three (with numpy between them) cuts those waits to one.
+that runs numpy or retakes the GIL after an ONNX Runtime call waits, while the event loop is
+busy, up to the interpreter's switch interval (5 ms) each time; one call per batch from the
+raw uint8 images (normalization included, the same float32 operations in the same order as
+:func:`service.runtime.preprocess.normalize`) instead of numpy and three calls cuts those
+waits to one.
 
 The bundle itself is unchanged (its contract is the three graphs, each checked by sha256 and
 signature before this runs); the composed graph exists only in memory.
@@ -16,15 +19,17 @@ signature before this runs); the composed graph exists only in memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import compose, helper
+from onnx import TensorProto, compose, helper, numpy_helper
 
 __all__ = ["PIPELINE_SIGNATURE", "compose_pipeline"]
 
 # inputs/outputs of the composed graph; D's outputs have 2N rows: x first, then x_hat
-PIPELINE_SIGNATURE = {"inputs": ("x",), "outputs": ("x_hat", "logit", "features")}
+PIPELINE_SIGNATURE = {"inputs": ("images",), "outputs": ("x", "x_hat", "logit", "features")}
 
 
 def _load(path: Path, prefix: str) -> onnx.ModelProto:
@@ -38,9 +43,30 @@ def _renamed(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
     return out
 
 
-def compose_pipeline(encoder: Path, generator: Path, discriminator: Path) -> bytes:
-    """The serialized composed model (see the module docstring); raises ValueError when the
-    three graphs cannot be joined (different opsets or IR versions, unexpected names)."""
+def _normalize_nodes(mean: Sequence[float], std: Sequence[float]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """images uint8 (N, H, W, C) -> e/x float32 (N, C, H, W), as preprocess.normalize does."""
+    c = len(mean)
+    consts = [
+        numpy_helper.from_array(np.array(255.0, np.float32), "pre/255"),
+        numpy_helper.from_array(np.asarray(mean, np.float32).reshape(1, 1, 1, c), "pre/mean"),
+        numpy_helper.from_array(np.asarray(std, np.float32).reshape(1, 1, 1, c), "pre/std"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["images"], ["pre/f"], to=TensorProto.FLOAT, name="pre/cast"),
+        helper.make_node("Div", ["pre/f", "pre/255"], ["pre/scaled"], name="pre/scale"),
+        helper.make_node("Sub", ["pre/scaled", "pre/mean"], ["pre/centred"], name="pre/centre"),
+        helper.make_node("Div", ["pre/centred", "pre/std"], ["pre/nhwc"], name="pre/standardize"),
+        helper.make_node("Transpose", ["pre/nhwc"], ["e/x"], perm=[0, 3, 1, 2], name="pre/nchw"),
+    ]
+    return nodes, consts
+
+
+def compose_pipeline(
+    encoder: Path, generator: Path, discriminator: Path, mean: Sequence[float], std: Sequence[float]
+) -> bytes:
+    """The serialized composed model (see the module docstring) for images normalized with
+    ``mean``/``std`` per channel; raises ValueError when the three graphs cannot be joined
+    (different opsets or IR versions, unexpected names, a channel count other than E's)."""
     e, g, d = _load(encoder, "e/"), _load(generator, "g/"), _load(discriminator, "d/")
     opsets = [{(o.domain, o.version) for o in m.opset_import} for m in (e, g, d)]
     if opsets[0] != opsets[1] or opsets[0] != opsets[2]:
@@ -60,19 +86,28 @@ def compose_pipeline(encoder: Path, generator: Path, discriminator: Path) -> byt
     if names != expected:
         raise ValueError(f"unexpected graph inputs/outputs: {names}")
 
-    x_info = _renamed(e.graph.input[0], "x")
+    x_info = e.graph.input[0]
+    dims = list(x_info.type.tensor_type.shape.dim)  # (N, C, H, W)
+    if len(dims) != 4 or not (len(mean) == len(std) == dims[1].dim_value):
+        raise ValueError(f"the encoder's input {x_info.name} does not take {len(mean)}-channel images")
+    images_info = helper.make_tensor_value_info(
+        "images", TensorProto.UINT8, [dims[0].dim_param or None, dims[2].dim_value, dims[3].dim_value, dims[1].dim_value]
+    )
+    pre_nodes, pre_consts = _normalize_nodes(mean, std)
     outputs = [
+        _renamed(x_info, "x"),
         _renamed(g.graph.output[0], "x_hat"),
         _renamed(d.graph.output[0], "logit"),
         _renamed(d.graph.output[1], "features"),
     ]
     nodes = [
-        helper.make_node("Identity", ["x"], ["e/x"], name="pipeline/input"),
+        *pre_nodes,
         *e.graph.node,
         helper.make_node("Identity", ["e/mu"], ["g/z"], name="pipeline/mu_to_z"),
         *g.graph.node,
         helper.make_node("Concat", ["e/x", "g/x_hat"], ["d/x"], axis=0, name="pipeline/concat"),
         *d.graph.node,
+        helper.make_node("Identity", ["e/x"], ["x"], name="pipeline/x"),
         helper.make_node("Identity", ["g/x_hat"], ["x_hat"], name="pipeline/x_hat"),
         helper.make_node("Identity", ["d/logit"], ["logit"], name="pipeline/logit"),
         helper.make_node("Identity", ["d/features"], ["features"], name="pipeline/features"),
@@ -80,9 +115,9 @@ def compose_pipeline(encoder: Path, generator: Path, discriminator: Path) -> byt
     graph = helper.make_graph(
         nodes,
         "vaegan_pipeline",
-        [x_info],
+        [images_info],
         outputs,
-        initializer=[*e.graph.initializer, *g.graph.initializer, *d.graph.initializer],
+        initializer=[*pre_consts, *e.graph.initializer, *g.graph.initializer, *d.graph.initializer],
         value_info=[*e.graph.value_info, *g.graph.value_info, *d.graph.value_info],
     )
     model = helper.make_model(graph, opset_imports=list(e.opset_import), ir_version=e.ir_version)

@@ -6,8 +6,8 @@
     filled = rt.inpaint(images, masks)
     fixed = rt.repair(images)
 
-Numpy and onnxruntime only. The server's dynamic batcher calls :meth:`Runtime.forward` on merged
-batches and :meth:`Runtime.score_forward` per request.
+Numpy and onnxruntime only. The server's dynamic batcher calls :meth:`Runtime.forward_images` on
+merged batches and :meth:`Runtime.score_forward` per request.
 """
 
 from __future__ import annotations
@@ -116,15 +116,16 @@ class Runtime:
     def _compose(
         self, sigs: dict[str, Any], providers: list[str], intra_op_threads: int, spin: bool
     ) -> Graph | None:
-        paths = [self.bundle.graph_path(g) for g in GRAPHS]
+        e, g, d = (self.bundle.graph_path(name) for name in GRAPHS)
+        s = self.spec
         try:
-            model = compose_pipeline(*paths)
+            model = compose_pipeline(e, g, d, mean=s.mean, std=s.std)
         except (ValueError, onnx.checker.ValidationError) as e:  # still correct, just slower
             logger.warning("serving the three graphs separately: cannot compose them (%s)", e)
             return None
         signature = {
-            "inputs": sigs["encoder"]["inputs"],
-            "outputs": {**sigs["generator"]["outputs"], **sigs["discriminator"]["outputs"]},
+            "inputs": {"images": [None, s.height, s.width, s.channels]},
+            "outputs": {**sigs["encoder"]["inputs"], **sigs["generator"]["outputs"], **sigs["discriminator"]["outputs"]},
         }
         where = self.bundle.path / "(encoder+generator+discriminator)"
         return Graph(where, signature, providers, intra_op_threads, spin, model=model)
@@ -158,24 +159,31 @@ class Runtime:
 
     def warmup(self) -> None:
         s = self.spec
-        self.forward(np.zeros((1, s.channels, s.height, s.width), np.float32))
+        self.forward_images(np.zeros((1, s.height, s.width, s.channels), np.uint8))
 
-    # ---- low level: one ONNX Runtime run per graph --------------------------------------
-    def forward(self, x: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
-        """Run E, G and D on a normalized batch (N, C, H, W); D sees x and x_hat in one call.
+    # ---- low level: ONNX Runtime runs ---------------------------------------------------
+    def forward_images(self, images: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
+        """Normalize uint8 images (N, H, W, C) at model size and run E, G and D on them.
 
-        One ONNX Runtime call of the composed pipeline graph, or (``fuse=False``, or graphs
-        that could not be composed) one call per graph. ``timings``, when given, receives each
-        call's time in seconds, by graph name (``pipeline`` for the composed graph).
+        One ONNX Runtime call of the composed pipeline graph, normalization included; or
+        (``fuse=False``, or graphs that could not be composed) numpy normalization and
+        :meth:`forward`. ``timings``, when given, receives each call's time in seconds, by graph
+        name (``pipeline`` for the composed graph).
         """
+        if self.pipeline is None:
+            return self.forward(normalize(images, self.spec), timings)
+        n = images.shape[0]
+        x, x_hat, logit, feats = self._run("pipeline", self.pipeline, timings, images=images)
+        return Forward(x, x_hat, logit[:n], feats[:n], feats[n:])
+
+    def forward(self, x: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
+        """Run E, G and D, one call each, on a normalized batch (N, C, H, W); D sees x and
+        x_hat in one call. ``timings`` as in :meth:`forward_images`."""
         n = x.shape[0]
-        if self.pipeline is not None:
-            x_hat, logit, feats = self._run("pipeline", self.pipeline, timings, x=x)
-        else:
-            mu, _ = self._run("encoder", self.graphs["encoder"], timings, x=x)
-            (x_hat,) = self._run("generator", self.graphs["generator"], timings, z=mu)
-            d_in = np.concatenate([x, x_hat])  # (2N, C, H, W)
-            logit, feats = self._run("discriminator", self.graphs["discriminator"], timings, x=d_in)
+        mu, _ = self._run("encoder", self.graphs["encoder"], timings, x=x)
+        (x_hat,) = self._run("generator", self.graphs["generator"], timings, z=mu)
+        d_in = np.concatenate([x, x_hat])  # (2N, C, H, W)
+        logit, feats = self._run("discriminator", self.graphs["discriminator"], timings, x=d_in)
         return Forward(x, x_hat, logit[:n], feats[:n], feats[n:])
 
     @staticmethod
@@ -187,12 +195,10 @@ class Runtime:
         timings[name] = time.perf_counter() - t0
         return out
 
-    def forward_chunked(self, x: np.ndarray) -> Forward:
-        """:meth:`forward` in chunks of ``max_batch_size``."""
-        if len(x) <= self.max_batch_size:
-            return self.forward(x)
+    def forward_chunked(self, images: np.ndarray) -> Forward:
+        """:meth:`forward_images` in chunks of ``max_batch_size``."""
         step = self.max_batch_size
-        return Forward.concat([self.forward(x[i : i + step]) for i in range(0, len(x), step)])
+        return Forward.concat([self.forward_images(images[i : i + step]) for i in range(0, max(1, len(images)), step)])
 
     def reconstruct_normalized(self, x: np.ndarray) -> np.ndarray:
         """G(mu(x)) for a normalized batch; only E and G run."""
@@ -238,7 +244,7 @@ class Runtime:
     ) -> ScoreResult:
         """Score images: uint8 (N, H, W[, C]) arrays, PIL images, paths or encoded bytes."""
         return self.score_forward(
-            self.forward_chunked(self.preprocess(images)), weights, threshold, with_reconstruction
+            self.forward_chunked(prepare_batch(images, self.spec)), weights, threshold, with_reconstruction
         )
 
     def reconstruct(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:

@@ -28,10 +28,10 @@ from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 from service.runtime import Runtime
 from service.server.batcher import DynamicBatcher
 from service.server.config import ServiceConfig
-from service.server.interceptor import ServiceInterceptor
+from service.server.interceptor import InstrumentedServicer
 from service.server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
 from service.server.pipeline import BatchRunner, concat_scored
-from service.server.servicer import SERVICE_NAME, LoadedModel, OutlierServicer
+from service.server.servicer import SERVICE, SERVICE_NAME, LoadedModel, OutlierServicer
 
 __all__ = ["BoundPorts", "OutlierServer", "serve"]
 
@@ -73,14 +73,14 @@ class OutlierServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, SERVICE_NAME)],
             options=options,
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
         )
         self._health = health.aio.HealthServicer()
         for name in HEALTH_SERVICES:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        pb_grpc.add_OutlierServiceServicer_to_server(self.servicer, server)
+        instrumented = InstrumentedServicer(self.servicer, SERVICE, self.metrics)
+        pb_grpc.add_OutlierServiceServicer_to_server(instrumented, server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

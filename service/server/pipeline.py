@@ -1,7 +1,7 @@
 """The model-side work of one merged batch: run the model, then score.
 
 The dynamic batcher runs a :class:`BatchRunner` on the merged uint8 images of many requests
-(at model size): the model worker normalizes the merged batch once and runs E -> G -> D (one
+(at model size): the model worker runs normalization and E -> G -> D on the merged batch (one
 call of the composed graph), and the scores follow on a CPU thread. Scoring the whole batch at
 once with the model's own weights and threshold costs about as much as scoring one image, so
 every request with default options gets its rows of that :class:`ScoredBatch`; requests that
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.runtime import Forward, Runtime, ScoreResult
-from service.runtime.preprocess import normalize
 
 __all__ = ["BatchRunner", "ScoredBatch", "concat_scored", "slice_result"]
 
@@ -72,8 +71,8 @@ class BatchRunner:
     """The two stages of a merged batch.
 
     ``runner(x, timings)`` on the ONNX Runtime thread: x uint8 (N, H, W, C) at model size ->
-    normalized (N, C, H, W) -> :meth:`Runtime.forward` (``timings`` gets each ONNX Runtime
-    call's seconds, and ``forward`` for the whole step).
+    :meth:`Runtime.forward_images` (normalized inside the composed graph; ``timings`` gets each
+    ONNX Runtime call's seconds, and ``forward`` for the whole step).
     ``runner.score(batch)`` on a CPU thread, while the model runs the next batch: the scores
     under the model's own weights and threshold, for every request that uses them.
     """
@@ -83,7 +82,7 @@ class BatchRunner:
 
     def __call__(self, x: np.ndarray, timings: dict[str, float]) -> ScoredBatch:
         t0 = time.perf_counter()
-        fwd = self.runtime.forward(normalize(x, self.runtime.spec), timings)
+        fwd = self.runtime.forward_images(x, timings)
         timings["forward"] = time.perf_counter() - t0
         return ScoredBatch(fwd)
 

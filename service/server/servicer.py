@@ -30,11 +30,12 @@ from service.server.config import ServiceConfig
 from service.server.metrics import ServerMetrics
 from service.server.pipeline import ScoredBatch
 
-__all__ = ["SERVICE_NAME", "LoadedModel", "OutlierServicer"]
+__all__ = ["SERVICE", "SERVICE_NAME", "LoadedModel", "OutlierServicer"]
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OutlierService"].full_name  # vaegan.v1.OutlierService
+SERVICE = pb.DESCRIPTOR.services_by_name["OutlierService"]
+SERVICE_NAME = SERVICE.full_name  # vaegan.v1.OutlierService
 T = TypeVar("T")
 # requests of at most this many images take no hop to a worker thread when the work is a few
 # microseconds per image: raw uint8 tensors at model size are read on the event loop, and

@@ -1,4 +1,5 @@
-"""The composed E -> G -> D pipeline graph: same numbers as the three graphs, one ORT call."""
+"""The composed normalize -> E -> G -> D pipeline graph: same numbers as numpy normalization and
+the three graphs, one ORT call."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from service.runtime import Runtime
 from service.runtime import runtime as runtime_module
 from service.runtime.compose import compose_pipeline
+from service.runtime.preprocess import normalize
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +20,21 @@ def separate(tiny_bundle: Path) -> Runtime:
 
 
 def _batch(rt: Runtime, n: int, seed: int = 0) -> np.ndarray:
+    """uint8 (N, H, W, C) images at model size."""
     s = rt.spec
-    return np.random.default_rng(seed).standard_normal((n, s.channels, s.height, s.width)).astype(np.float32)
+    return np.random.default_rng(seed).integers(0, 256, (n, s.height, s.width, s.channels), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("n", [1, 7])
-def test_pipeline_matches_the_three_graphs(runtime: Runtime, separate: Runtime, n: int) -> None:
+def test_pipeline_matches_numpy_normalization_and_the_three_graphs(
+    runtime: Runtime, separate: Runtime, n: int
+) -> None:
     assert runtime.pipeline is not None and separate.pipeline is None
-    x = _batch(runtime, n, seed=n)
-    fused, three = runtime.forward(x), separate.forward(x)
+    images = _batch(runtime, n, seed=n)
+    fused, three = runtime.forward_images(images), separate.forward_images(images)
+    # the graph normalizes with numpy's float32 operations, in the same order
+    np.testing.assert_allclose(fused.x, normalize(images, runtime.spec), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(three.x, normalize(images, runtime.spec))
     for name in ("x_hat", "logit", "feat_x", "feat_xhat"):
         a, b = getattr(fused, name), getattr(three, name)
         assert a.shape == b.shape
@@ -36,11 +44,11 @@ def test_pipeline_matches_the_three_graphs(runtime: Runtime, separate: Runtime, 
 
 
 def test_pipeline_is_one_call_and_timed_as_such(runtime: Runtime, separate: Runtime) -> None:
-    x = _batch(runtime, 3)
+    images = _batch(runtime, 3)
     fused_t: dict[str, float] = {}
     three_t: dict[str, float] = {}
-    runtime.forward(x, fused_t)
-    separate.forward(x, three_t)
+    runtime.forward_images(images, fused_t)
+    separate.forward_images(images, three_t)
     assert set(fused_t) == {"pipeline"}
     assert set(three_t) == {"encoder", "generator", "discriminator"}
     assert all(t > 0 for t in (*fused_t.values(), *three_t.values()))
@@ -49,19 +57,28 @@ def test_pipeline_is_one_call_and_timed_as_such(runtime: Runtime, separate: Runt
 def test_pipeline_graph_signature(tiny_bundle: Path, runtime: Runtime) -> None:
     import onnx
 
+    s = runtime.spec
     paths = [runtime.bundle.graph_path(g) for g in ("encoder", "generator", "discriminator")]
-    model = onnx.load_from_string(compose_pipeline(*paths))
-    assert [i.name for i in model.graph.input] == ["x"]
-    assert [o.name for o in model.graph.output] == ["x_hat", "logit", "features"]
-    # every weight of the three graphs is there once, under its graph's prefix
+    model = onnx.load_from_string(compose_pipeline(*paths, mean=s.mean, std=s.std))
+    (images,) = model.graph.input
+    assert images.name == "images" and images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in images.type.tensor_type.shape.dim][1:] == [s.height, s.width, s.channels]
+    assert [o.name for o in model.graph.output] == ["x", "x_hat", "logit", "features"]
+    # every weight of the three graphs is there once, under its graph's prefix (pre/: mean, std)
     prefixes = {init.name.split("/", 1)[0] for init in model.graph.initializer}
-    assert prefixes == {"e", "g", "d"}
+    assert prefixes == {"pre", "e", "g", "d"}
+
+
+def test_pipeline_refuses_a_channel_count_the_encoder_does_not_take(runtime: Runtime) -> None:
+    paths = [runtime.bundle.graph_path(g) for g in ("encoder", "generator", "discriminator")]
+    with pytest.raises(ValueError, match="does not take 1-channel images"):
+        compose_pipeline(*paths, mean=[0.5], std=[0.5])
 
 
 def test_uncomposable_graphs_fall_back_to_three_calls(
     tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def refuse(*paths: Path) -> bytes:
+    def refuse(*paths: Path, **normalization: object) -> bytes:
         raise ValueError("the graphs use different opsets")
 
     monkeypatch.setattr(runtime_module, "compose_pipeline", refuse)
@@ -69,5 +86,5 @@ def test_uncomposable_graphs_fall_back_to_three_calls(
     assert rt.pipeline is None
     assert "cannot compose" in caplog.text
     timings: dict[str, float] = {}
-    out = rt.forward(_batch(rt, 2), timings)
+    out = rt.forward_images(_batch(rt, 2), timings)
     assert out.x_hat.shape[0] == 2 and set(timings) == {"encoder", "generator", "discriminator"}

@@ -23,6 +23,7 @@ from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 from service.runtime import Runtime
 from service.server.codec import array_to_tensor
 from service.server.config import ServiceConfig, add_serve_arguments, config_from_args
+from service.server.main import set_switch_interval
 from service.server.testing import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,6 +144,21 @@ def test_bad_environment_values_are_reported_by_argparse(capsys) -> None:
     assert "--port" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --model is required without VAEGAN_MODEL
         add_serve_arguments(argparse.ArgumentParser(), environ={}).parse_args([])
+
+
+def test_switch_interval_flag_sets_the_processs_gil_switch_interval() -> None:
+    before = sys.getswitchinterval()
+    try:
+        parser = add_serve_arguments(argparse.ArgumentParser(), environ={"VAEGAN_SWITCH_INTERVAL_MS": "0.5"})
+        set_switch_interval(config_from_args(parser.parse_args(["--model", "m"])))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        set_switch_interval(config_from_args(parser.parse_args(["--model", "m", "--switch-interval-ms", "0"])))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)  # 0: left as it is
+        assert ServiceConfig(model=Path("m")).switch_interval_ms == 0.2
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(ValueError, match="switch_interval_ms"):
+        ServiceConfig(model=Path("m"), switch_interval_ms=-1)
 
 
 def test_config_rejects_impossible_settings() -> None:
