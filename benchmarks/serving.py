@@ -3,8 +3,8 @@
     python benchmarks/serving.py --model runs/demo/bundle
 
 Baseline: :meth:`Runtime.forward_images` on uint8 batches at model size (what the server's
-model worker runs), no server, measured before and
-after the service scenarios and averaged (this machine's speed drifts over minutes).
+model worker runs), no server, measured just before and just after each service scenario; the
+scenario's ratio uses the mean of those two (this machine's speed drifts over minutes).
 Service: ``python -m service.server`` in a subprocess, driven by a grpc.aio client in this
 process with pre-built requests (raw uint8 tensors at model size), so the service's numbers
 include gRPC, decoding, preprocessing, batching, scoring and response building.
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,10 @@ def bare(rt: Runtime, batch_size: int, seconds: float) -> dict[str, Any]:
     return {"batch_size": batch_size, "images_per_s": len(latencies) * batch_size / elapsed, **percentiles(latencies)}
 
 
-def _mean_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Two bare measurements of one batch size -> their mean (images/s and percentiles)."""
-    out = {k: (a[k] + b[k]) / 2 if isinstance(a[k], float) else a[k] for k in a}
-    out["images_per_s_before_after"] = [a["images_per_s"], b["images_per_s"]]
+def _mean_rows(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bare measurements of one batch size -> their mean (images/s and percentiles)."""
+    out = {k: float(np.mean([r[k] for r in runs])) if isinstance(v, float) else v for k, v in runs[0].items()}
+    out["images_per_s_runs"] = [r["images_per_s"] for r in runs]
     return out
 
 
@@ -194,35 +195,40 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = Runtime.load(args.model, providers=args.providers, intra_op_threads=args.intra_op_threads,
                       max_batch_size=args.max_batch_size, fuse=args.fuse_graphs)
-    sizes = sorted({args.request_size, 1, *(min(c, args.max_batch_size) for c in args.b_in_flight)})
-    # bare ORT before and after the service scenarios, averaged: this machine's speed drifts
-    # by tens of percent over minutes, and the ratio should compare like with like
-    before = {n: bare(rt, n, args.seconds / 2) for n in sizes}
+    # every service scenario is bracketed by bare runs of its batch size, just before and just
+    # after it, and compared with their mean: this machine's speed drifts by tens of percent
+    # over minutes, and the ratio should compare like with like
+    bare_runs: dict[int, list[dict[str, Any]]] = {}
+
+    def bracketed(n: int, scenario: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        before = bare(rt, n, args.seconds / 2)
+        r = scenario()
+        after = bare(rt, n, args.seconds / 2)
+        bare_runs.setdefault(n, []).extend([before, after])
+        r["bare_images_per_s"] = (before["images_per_s"] + after["images_per_s"]) / 2
+        r["ratio"] = r["images_per_s"] / r["bare_images_per_s"]
+        return r
+
     server = Server(args)
     try:
         req_a, req_b = make_request(rt, args.request_size), make_request(rt, 1)
         rows: list[dict[str, Any]] = []
         for c in args.a_in_flight:
-            r = service_run(server, req_a, c, args.seconds)
+            r = bracketed(args.request_size, lambda c=c: service_run(server, req_a, c, args.seconds))
             rows.append({"name": f"(a) {args.request_size}-image req, {c} in flight", "scenario": "a", **r})
         for c in args.b_in_flight:
-            r = service_run(server, req_b, c, args.seconds)
+            # compared with bare ORT at a batch of the in-flight count: the best the batcher could do
+            n = min(c, args.max_batch_size)
+            r = bracketed(n, lambda c=c: service_run(server, req_b, c, args.seconds))
             rows.append({"name": f"(b) 1-image req, {c} in flight", "scenario": "b", **r})
         # the ceiling: a no-op RPC (GetModelInfo) as fast as this machine's gRPC stack goes
         r = asyncio.run(drive(server.target, pb.GetModelInfoRequest(), 64, args.seconds, "GetModelInfo"))
         rows.append({"name": "(c) no-op RPC, 64 in flight", "scenario": "c", **r})
     finally:
         server.close()
-    after = {n: bare(rt, n, args.seconds / 2) for n in sizes}
-    bare_rows = {n: _mean_rows(before[n], after[n]) for n in sizes}
-    rows = [{"name": f"bare ORT batch {n}", **r} for n, r in bare_rows.items()] + rows
-    for r in rows:
-        if r.get("scenario") == "a":
-            r["ratio"] = r["images_per_s"] / bare_rows[args.request_size]["images_per_s"]
-        elif r.get("scenario") == "b":
-            n = min(r["in_flight"], args.max_batch_size)
-            r["ratio"] = r["images_per_s"] / bare_rows[n]["images_per_s"]
-            r["ratio_vs_bare_batch_1"] = r["images_per_s"] / bare_rows[1]["images_per_s"]
+    bare_runs.setdefault(1, []).append(bare(rt, 1, args.seconds / 2))
+    bare_rows = [{"name": f"bare ORT batch {n}", **_mean_rows(runs)} for n, runs in sorted(bare_runs.items())]
+    rows = bare_rows + rows
 
     best = {s: max(r["ratio"] for r in rows if r.get("scenario") == s) for s in ("a", "b")}
     print(table(rows))
