@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["TrainConfig"]
+__all__ = ["NEGATIVE_KINDS", "TrainConfig"]
+
+# shape negatives for D (trainer.step.shape_negatives): real images made wrong in shape
+NEGATIVE_KINDS = ("erase", "paste", "swap", "rot")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class TrainConfig:
     adv_loss: str = "lsgan"  # lsgan | bce | none (plain VAE); lsgan: see README, MNIST benchmark
     d_lr_scale: float = 1.0  # D's learning rate = lr * d_lr_scale (a slower D saturates later)
     d_noise: float = 0.0  # std of Gaussian instance noise on D's inputs in its own update
+    d_negatives: str = ""  # comma list of NEGATIVE_KINDS: altered real images D must call fake
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
     val_fraction: float = 0.1  # held-out normal images for calibration, never trained on
@@ -48,10 +52,18 @@ class TrainConfig:
             raise ValueError(f"select_checkpoint must be best or last, got {self.select_checkpoint!r}")
         if self.d_lr_scale <= 0 or self.d_noise < 0:
             raise ValueError("d_lr_scale must be > 0 and d_noise >= 0")
+        unknown = set(self.negative_kinds) - set(NEGATIVE_KINDS)
+        if unknown:
+            raise ValueError(f"d_negatives: unknown kind(s) {sorted(unknown)}; known: {', '.join(NEGATIVE_KINDS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def negative_kinds(self) -> tuple[str, ...]:
+        """``d_negatives`` as a tuple of kinds (empty: D sees no shape negatives)."""
+        return tuple(k.strip() for k in self.d_negatives.split(",") if k.strip())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -202,7 +202,8 @@ def fit(
             mask = None
             if cfg.mask_prob > 0 and torch.rand(1, generator=gen).item() < cfg.mask_prob:
                 mask = random_masks(len(x), spec.height, generator=gen).to(device)
-            terms = train_step(model, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise)
+            terms = train_step(model, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise,
+                               d_negatives=cfg.negative_kinds)
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay, epoch * steps_per_epoch + step)
             for k, v in terms.items():

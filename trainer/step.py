@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss, reparameterize
+from trainer.config import NEGATIVE_KINDS
 
-__all__ = ["Losses", "Optimizers", "random_masks", "train_step"]
+__all__ = ["Losses", "Optimizers", "random_masks", "shape_negatives", "train_step"]
 
 
 @dataclass
@@ -50,6 +51,48 @@ def random_masks(n: int, size: int, generator: torch.Generator | None = None) ->
     return (rows[:, :, None] & cols[:, None, :]).float()[:, None]  # (n, 1, size, size)
 
 
+def _box(h: int, w: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """A random box of 1/4 to 1/2 of each side: (top, left, height, width)."""
+    bh = int(torch.randint(h // 4, h // 2 + 1, (1,), generator=generator))
+    bw = int(torch.randint(w // 4, w // 2 + 1, (1,), generator=generator))
+    t = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
+    lf = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
+    return t, lf, bh, bw
+
+
+def shape_negatives(x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Real images made wrong in shape but not in texture, one of ``kinds`` per image: negative
+    data augmentation (Sinha et al. 2021) that D must call fake. x: normalized (B, C, H, W).
+
+    ``erase``: a box (1/4 to 1/2 of each side) filled with the image's median, its background
+    (strokes go missing: an 8 becomes a 3). ``paste``: a box of the next image of the batch laid
+    over another place, keeping the brighter pixel (strokes are added). ``swap``: the image
+    rolled by half its height or width. ``rot``: turned by 90 or 270 degrees (square images).
+    """
+    b, _, h, w = x.shape
+    out = x.clone()
+    pick = torch.randint(0, len(kinds), (b,), generator=generator)
+    coin = torch.rand(b, generator=generator)
+    for i in range(b):
+        kind = kinds[int(pick[i])]
+        if kind == "erase":
+            t, lf, bh, bw = _box(h, w, generator)
+            out[i, :, t : t + bh, lf : lf + bw] = x[i].flatten(1).median(dim=1).values[:, None, None]
+        elif kind == "paste":
+            t, lf, bh, bw = _box(h, w, generator)
+            st = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
+            sl = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
+            region = out[i, :, t : t + bh, lf : lf + bw]
+            out[i, :, t : t + bh, lf : lf + bw] = torch.maximum(region, x[(i + 1) % b, :, st : st + bh, sl : sl + bw])
+        elif kind == "swap":
+            out[i] = torch.roll(x[i], h // 2, dims=1) if coin[i] < 0.5 else torch.roll(x[i], w // 2, dims=2)
+        elif kind == "rot":
+            out[i] = torch.rot90(x[i], 1 if coin[i] < 0.5 else 3, dims=(1, 2))
+        else:
+            raise ValueError(f"unknown negative kind {kind!r} (known: {', '.join(NEGATIVE_KINDS)})")
+    return out
+
+
 def _zero_grad(*modules: nn.Module) -> None:
     for m in modules:
         for p in m.parameters():
@@ -64,6 +107,7 @@ def train_step(
     mask: torch.Tensor | None = None,
     autocast_dtype: torch.dtype | None = None,
     d_noise: float = 0.0,
+    d_negatives: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """One update of D, then of E and G, on a normalized batch x (B, C, H, W).
 
@@ -85,12 +129,15 @@ def train_step(
         x_rec = G(z)
         x_prior = G(torch.randn_like(mu))
         # D has no batch statistics, so one call on the three batches equals three calls
-        d_in = torch.cat([x, x_rec.detach(), x_prior.detach()])  # (3B, C, H, W)
+        parts = [x, x_rec.detach(), x_prior.detach()]
+        if d_negatives:
+            parts.append(shape_negatives(x, d_negatives))
+        d_in = torch.cat(parts)  # (3B or 4B, C, H, W)
         if d_noise > 0:
             d_in = d_in + d_noise * torch.randn_like(d_in)
-        logits, _ = D(d_in)  # (3B, 1)
-        logit_real, logit_rec, logit_prior = logits.chunk(3)
-        loss_d = losses.adv.discriminator_loss(logit_real, logit_rec, logit_prior)
+        logits, _ = D(d_in)  # (3B or 4B, 1)
+        logit_real, *logit_fakes = logits.chunk(len(parts))
+        loss_d = losses.adv.discriminator_loss(logit_real, *logit_fakes)
     _zero_grad(D)
     loss_d.float().backward()
     opt.discriminator.step()

@@ -57,6 +57,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--adv-loss", default="lsgan", choices=["lsgan", "bce", "none"])
     g.add_argument("--d-lr-scale", type=float, default=1.0, help="D's learning rate = --lr times this")
     g.add_argument("--d-noise", type=float, default=0.0, help="std of instance noise on D's inputs in its update")
+    g.add_argument("--d-negatives", default="",
+                   help="comma list of erase,paste,swap,rot: real images altered in shape that D must "
+                        "call fake (negative data augmentation; makes the disc score informative)")
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="> 0: select, calibrate and export a moving average of the weights (e.g. 0.999)")
     g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")
@@ -94,7 +97,7 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
             normal_class=a.normal_class, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
             kl_weight=a.kl_weight, feature_weight=a.feature_weight, pixel_weight=a.pixel_weight,
             adv_weight=a.adv_weight, adv_loss=a.adv_loss, d_lr_scale=a.d_lr_scale, d_noise=a.d_noise,
-            ema_decay=a.ema_decay,
+            d_negatives=a.d_negatives, ema_decay=a.ema_decay,
             mask_prob=a.mask_prob,
             val_fraction=a.val_fraction, max_train=a.max_train, target_fpr=a.target_fpr,
             seed=a.seed, device=a.device, num_workers=a.num_workers,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
-from trainer.step import Losses, Optimizers, random_masks, train_step
+from trainer.step import Losses, Optimizers, random_masks, shape_negatives, train_step
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (1, 64), (3, 100), (3, 256)])
@@ -107,6 +107,65 @@ def test_instance_noise_reaches_only_the_discriminator_update() -> None:
     (t0, d0), (t1, d1) = runs[0.0], runs[0.5]
     assert t0["adv_d"] != t1["adv_d"]  # D's loss was computed on noisy inputs
     assert any(not torch.equal(a, b) for a, b in zip(d0, d1, strict=True))
+
+
+def _digits(n: int) -> torch.Tensor:
+    """Stroke images: background -1, a bright bar per image at a different place."""
+    x = torch.full((n, 1, 28, 28), -1.0)
+    for i in range(n):
+        x[i, 0, 4 + (i * 5) % 20, 4:24] = 1.0
+        x[i, 0, 4:24, 4 + (i * 7) % 20] = 0.5
+    return x
+
+
+def test_shape_negatives_erase_paste_swap_rot() -> None:
+    x = _digits(6)
+    gen = torch.Generator().manual_seed(0)
+    erased = shape_negatives(x, ("erase",), gen)
+    changed = erased != x
+    assert bool(changed.any())
+    assert bool((erased[changed] == -1.0).all())  # filled with the background (the median)
+    for i in range(6):  # one box of 7..14 rows and columns changed at most
+        rows, cols = changed[i, 0].any(1).nonzero(), changed[i, 0].any(0).nonzero()
+        if len(rows):
+            assert int(rows.max() - rows.min()) < 14 and int(cols.max() - cols.min()) < 14
+    pasted = shape_negatives(x, ("paste",), gen)
+    assert bool((pasted >= x).all()) and bool((pasted > x).any())  # strokes added, none cut
+    swapped = shape_negatives(x, ("swap",), gen)
+    for i in range(6):
+        assert torch.equal(swapped[i], torch.roll(x[i], 14, dims=1)) or torch.equal(swapped[i], torch.roll(x[i], 14, dims=2))
+    rotated = shape_negatives(x, ("rot",), gen)
+    for i in range(6):
+        assert any(torch.equal(rotated[i], torch.rot90(x[i], k, dims=(1, 2))) for k in (1, 3))
+    # the same generator state gives the same negatives; the input is never modified
+    a = shape_negatives(x, ("erase", "paste"), torch.Generator().manual_seed(5))
+    b = shape_negatives(x, ("erase", "paste"), torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.equal(x, _digits(6))
+    with pytest.raises(ValueError, match="unknown negative kind 'blur'"):
+        shape_negatives(x, ("blur",), gen)
+
+
+def test_shape_negatives_reach_only_the_discriminator_update() -> None:
+    """With d_negatives D's loss has a fourth batch of fakes; E and G see the same inputs."""
+    x = _digits(8)
+    runs = {}
+    for kinds in ((), ("erase",)):
+        m, opt, losses = _setup(seed=3)
+        torch.manual_seed(7)
+        terms = train_step(m, x, opt, losses, d_negatives=kinds)
+        runs[kinds] = (terms, [p.detach().clone() for p in m.discriminator.parameters()])
+    (t0, d0), (t1, d1) = runs[()], runs[("erase",)]
+    assert t0["adv_d"] != t1["adv_d"]
+    assert any(not torch.equal(a, b) for a, b in zip(d0, d1, strict=True))
+
+
+def test_d_negatives_config() -> None:
+    from trainer.config import TrainConfig
+
+    assert TrainConfig(d_negatives="erase, paste").negative_kinds == ("erase", "paste")
+    assert TrainConfig().negative_kinds == ()
+    with pytest.raises(ValueError, match=r"d_negatives: unknown kind\(s\) \['blur'\]"):
+        TrainConfig(d_negatives="erase,blur")
 
 
 def test_discriminator_learning_rate_scale() -> None:
