@@ -33,11 +33,12 @@ from trainer.pipeline import image_spec_for, train_and_export  # noqa: E402
 
 # published mean AUROC (%) on the same protocol: (MNIST, CIFAR-10)
 ANCHORS = {"Deep SVDD": (94.8, 64.8), "OCGAN": (97.5, 65.6), "DCAE": (89.7, 59.4), "AnoGAN": (91.3, 61.8)}
-MAIN = "vaegan-lsgan"  # the defaults (TrainConfig.adv_loss)
+MAIN = "vaegan-lsgan-erase"  # the defaults (TrainConfig.adv_loss, TrainConfig.d_negatives)
 VARIANTS = {
-    MAIN: {"adv_loss": "lsgan"},
-    "vaegan-bce": {"adv_loss": "bce"},
-    "vae (no adversarial term)": {"adv_loss": "none"},
+    MAIN: {"adv_loss": "lsgan", "d_negatives": "erase"},
+    "vaegan-lsgan (no negatives)": {"adv_loss": "lsgan", "d_negatives": ""},
+    "vaegan-bce-erase": {"adv_loss": "bce", "d_negatives": "erase"},
+    "vae (no adversarial term)": {"adv_loss": "none", "d_negatives": ""},
 }
 
 
@@ -79,7 +80,8 @@ def run_class(args: argparse.Namespace, k: int, variant: str, test, spec) -> dic
         num_channels=spec.channels, image_size=spec.height,
         latent_dim=args.latent_dim, base_width=args.base_width, spectral_norm=not args.no_spectral_norm,
     )
-    run_dir = args.work / f"{args.dataset}-{k}-{variant.split()[0]}"
+    slug = "".join(ch if ch.isalnum() else "-" for ch in variant).strip("-")
+    run_dir = args.work / f"{args.dataset}-{k}-{slug}"
     t0 = time.perf_counter()
     out = train_and_export(cfg, model_cfg, spec, run_dir, progress=False)
     train_s = time.perf_counter() - t0

@@ -41,6 +41,18 @@ def test_bad_arguments_give_one_line_and_exit_2(argv: list[str], needle: str) ->
     assert needle in lines[0] and "Traceback" not in out.stderr
 
 
+def test_train_flags_default_to_the_train_config_defaults() -> None:
+    """The CLI spells its defaults out (its parser must not import trainer); they must agree."""
+    from trainer.config import TrainConfig
+    from vaegan.cli import _train_configs, build_parser
+
+    cfg, _, _ = _train_configs(build_parser().parse_args(["train", "--out", "x"]))
+    d = TrainConfig()
+    for name in ("adv_loss", "adv_weight", "d_negatives", "d_noise", "d_lr_scale", "ema_decay", "mask_prob",
+                 "kl_weight", "feature_weight", "pixel_weight", "val_fraction", "target_fpr", "batch_size"):
+        assert getattr(cfg, name) == getattr(d, name), name
+
+
 def test_user_errors_exit_2_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["train", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
     assert "--data-root is required" in capsys.readouterr().err

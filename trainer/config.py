@@ -28,7 +28,7 @@ class TrainConfig:
     adv_loss: str = "lsgan"  # lsgan | bce | none (plain VAE); lsgan: see README, MNIST benchmark
     d_lr_scale: float = 1.0  # D's learning rate = lr * d_lr_scale (a slower D saturates later)
     d_noise: float = 0.0  # std of Gaussian instance noise on D's inputs in its own update
-    d_negatives: str = ""  # comma list of NEGATIVE_KINDS: altered real images D must call fake
+    d_negatives: str = "erase"  # comma list of NEGATIVE_KINDS: altered real images D must call fake; "" = none
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
     val_fraction: float = 0.1  # held-out normal images for calibration, never trained on

@@ -57,9 +57,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--adv-loss", default="lsgan", choices=["lsgan", "bce", "none"])
     g.add_argument("--d-lr-scale", type=float, default=1.0, help="D's learning rate = --lr times this")
     g.add_argument("--d-noise", type=float, default=0.0, help="std of instance noise on D's inputs in its update")
-    g.add_argument("--d-negatives", default="",
+    g.add_argument("--d-negatives", default="erase",
                    help="comma list of erase,paste,swap,rot: real images altered in shape that D must "
-                        "call fake (negative data augmentation; makes the disc score informative)")
+                        "call fake (negative data augmentation; makes the disc score informative); "
+                        "'' for none; default %(default)s")
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="> 0: select, calibrate and export a moving average of the weights (e.g. 0.999)")
     g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")

@@ -163,7 +163,8 @@ def test_d_negatives_config() -> None:
     from trainer.config import TrainConfig
 
     assert TrainConfig(d_negatives="erase, paste").negative_kinds == ("erase", "paste")
-    assert TrainConfig().negative_kinds == ()
+    assert TrainConfig().negative_kinds == ("erase",)  # the default: see README, one-class MNIST
+    assert TrainConfig(d_negatives="").negative_kinds == ()
     with pytest.raises(ValueError, match=r"d_negatives: unknown kind\(s\) \['blur'\]"):
         TrainConfig(d_negatives="erase,blur")
 
