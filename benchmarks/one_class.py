@@ -4,7 +4,7 @@ For each class: train (the same `vaegan train` pipeline: label-free checkpoint a
 selection, calibration on held-out normals), export, then score the whole test split through the
 ONNX runtime that serves. Prints a table (per class and mean AUROC, per component too), writes
 JSON, and records train time and scoring throughput. Ablation rows retrain a few classes as a
-plain VAE and with the BCE loss.
+plain VAE, with the BCE loss, and without the shape negatives.
 
     python benchmarks/one_class.py --dataset mnist --data-root ../shared/data/mnist --quick
     python benchmarks/one_class.py --dataset mnist --data-root ../shared/data/mnist --classes 0-9
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other TrainConfig field, e.g. --set kl_weight=2 (repeatable)")
-    p.add_argument("--ablation-classes", default="", help="classes for the VAE / BCE ablation rows")
+    p.add_argument("--ablation-classes", default="", help="classes for the ablation rows (no negatives, BCE, VAE only)")
     p.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores: 3 classes, few epochs")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/one_class_<dataset>[_quick].json)")

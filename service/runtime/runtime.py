@@ -120,8 +120,8 @@ class Runtime:
         s = self.spec
         try:
             model = compose_pipeline(e, g, d, mean=s.mean, std=s.std)
-        except (ValueError, onnx.checker.ValidationError) as e:  # still correct, just slower
-            logger.warning("serving the three graphs separately: cannot compose them (%s)", e)
+        except (ValueError, onnx.checker.ValidationError) as err:  # still correct, just slower
+            logger.warning("serving the three graphs separately: cannot compose them (%s)", err)
             return None
         signature = {
             "inputs": {"images": [None, s.height, s.width, s.channels]},
@@ -198,7 +198,9 @@ class Runtime:
     def forward_chunked(self, images: np.ndarray) -> Forward:
         """:meth:`forward_images` in chunks of ``max_batch_size``."""
         step = self.max_batch_size
-        return Forward.concat([self.forward_images(images[i : i + step]) for i in range(0, max(1, len(images)), step)])
+        if len(images) <= step:
+            return self.forward_images(images)
+        return Forward.concat([self.forward_images(images[i : i + step]) for i in range(0, len(images), step)])
 
     def reconstruct_normalized(self, x: np.ndarray) -> np.ndarray:
         """G(mu(x)) for a normalized batch; only E and G run."""

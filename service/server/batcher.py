@@ -5,7 +5,7 @@ queued images in arrival order up to ``max_batch_size``, waiting at most ``max_d
 the oldest one arrived for the batch to fill. Under load, the queue fills while the model runs,
 so batches form with no added delay. The merged batch goes through ``run`` once (the server's
 :class:`~service.server.pipeline.BatchRunner`: one
-:meth:`Runtime.forward <service.runtime.Runtime.forward>` call), and each request gets its own
+:meth:`Runtime.forward_images <service.runtime.Runtime.forward_images>` call), and each request gets its own
 rows back, in order. A request larger than ``max_batch_size`` is split into chunks, which may
 share runs with other requests.
 

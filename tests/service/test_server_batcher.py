@@ -36,8 +36,11 @@ def _x(n: int, start: float = 0.0) -> np.ndarray:
 
 
 def _run(coro_fn, model: FakeModel, **kw):
+    """``coro_fn(batcher)`` on a started batcher (with ``finish``: on its own executor)."""
     async def main():
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as post:
+            if "finish" in kw:
+                kw["finish_executor"] = post
             batcher = DynamicBatcher(model, pool, concat=Forward.concat, **kw)
             batcher.start()
             try:
@@ -123,17 +126,10 @@ def test_finish_stage_post_processes_each_merged_batch() -> None:
     def finish(f: Forward) -> Forward:
         return Forward(f.x, f.x_hat + 100, f.logit, f.feat_x, f.feat_xhat)
 
-    async def main():
-        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as post:
-            b = DynamicBatcher(model, pool, concat=Forward.concat, finish=finish, finish_executor=post,
-                               max_batch_size=4, max_delay_s=0.02)
-            b.start()
-            try:
-                return await asyncio.gather(b.infer(_x(3)), b.infer(_x(2, 10.0)))
-            finally:
-                await b.close()
+    async def go(b: DynamicBatcher):
+        return await asyncio.gather(b.infer(_x(3)), b.infer(_x(2, 10.0)))
 
-    first, second = asyncio.run(main())
+    first, second = _run(go, model, finish=finish, max_batch_size=4, max_delay_s=0.02)
     np.testing.assert_array_equal(first.x_hat.ravel(), [101, 102, 103])
     np.testing.assert_array_equal(second.x_hat.ravel(), [111, 112])
     assert model.batches == [3, 2]
@@ -200,18 +196,11 @@ def test_a_failed_finish_stage_fails_its_requests_and_the_worker_goes_on() -> No
             raise ValueError("scoring broke")
         return f
 
-    async def main():
-        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as post:
-            b = DynamicBatcher(model, pool, concat=Forward.concat, finish=finish, finish_executor=post,
-                               max_batch_size=4, max_delay_s=0.0)
-            b.start()
-            try:
-                with pytest.raises(ValueError, match="scoring broke"):
-                    await b.infer(_x(2))
-                return await b.infer(_x(3, 7.0))
-            finally:
-                await b.close()
+    async def go(b: DynamicBatcher):
+        with pytest.raises(ValueError, match="scoring broke"):
+            await b.infer(_x(2))
+        return await b.infer(_x(3, 7.0))
 
-    fwd = asyncio.run(main())
+    fwd = _run(go, model, finish=finish, max_batch_size=4, max_delay_s=0.0)
     np.testing.assert_array_equal(fwd.x_hat.ravel(), [8.0, 9.0, 10.0])
     assert model.batches == [2, 3]
