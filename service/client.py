@@ -3,11 +3,15 @@
     with OutlierClient("localhost:50051", timeout=10) as client:
         results = client.score(["a.png", "b.png"], anomaly_maps=True)
         results[0].score, results[0].is_outlier, results[0].anomaly_map  # float32 (H, W)
+        results[0].region, results[0].input_size, results[0].conversion  # where the image landed
         filled = client.inpaint([image], [mask])                       # uint8 (H, W, C)
 
 Images may be numpy arrays (uint8 0..255 or float 0..1; (H, W) or (H, W, C), or a batch
 (N, H, W[, C])), PIL images, file paths or encoded bytes. Arrays are sent as raw tensors, files
-and bytes as they are (the server decodes them). Every call has a deadline (``timeout`` s, which
+and bytes as they are (the server decodes them). PIL images are turned upright (EXIF
+orientation) and sent as arrays when 8-bit grey, RGB or RGBA, else losslessly encoded (PNG or
+TIFF) so that the server decodes 16-bit, float, palette or CMYK pixels by its own rules. Every
+call has a deadline (``timeout`` s, which
 covers retries); UNAVAILABLE (server starting, shutting down, unreachable) is retried with
 jittered exponential backoff. For several servers behind one DNS name (a Kubernetes headless
 Service) use ``dns:///name:port`` with ``load_balancing="round_robin"``.
@@ -17,6 +21,7 @@ Needs numpy, Pillow, grpcio and protobuf only (no onnxruntime).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -29,7 +34,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from protos.vaegan.v1 import outlier_service_pb2 as pb
 from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
@@ -64,10 +69,15 @@ class ImageScore:
     tail_probability: float  # share of normal calibration images scoring >= score
     threshold: float
     components: dict[str, float]  # "pixel" | "feature" | "disc"
-    anomaly_map: np.ndarray | None = None  # float32 (H, W) at model resolution
+    # float32 (H, W) at model resolution, or at the input's size with anomaly_map_input_size
+    anomaly_map: np.ndarray | None = None
     reconstruction: np.ndarray | None = None  # uint8 (H, W, C) at model resolution
     repaired: np.ndarray | None = None  # uint8 (H, W, C) at the input's size
     repair_mask: np.ndarray | None = None  # bool (H, W), True = filled
+    # the part of the input the model scored, (top, left, height, width) in input pixels
+    region: tuple[int, int, int, int] = (0, 0, 0, 0)
+    input_size: tuple[int, int] = (0, 0)  # the decoded input's (height, width)
+    conversion: str = ""  # "" (as sent), "grey->rgb" or "rgb->grey"
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class ModelInfo:
     channels: int
     height: int
     width: int
+    resize: str  # how other sizes are fitted: "letterbox", "resize" or "center_crop"
     providers: list[str]
     calibrated: bool
     threshold: float
@@ -96,8 +107,28 @@ def _to_image(src: ImageInput, image_id: str) -> pb.Image:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return pb.Image(id=image_id, encoded=bytes(src))
     if isinstance(src, Image.Image):
-        src = np.asarray(src if src.mode in ("L", "RGB", "RGBA") else src.convert("RGB"))
+        return _pil_image(src, image_id)
     return pb.Image(id=image_id, tensor=array_to_tensor(np.asarray(src)))
+
+
+def _pil_image(im: Image.Image, image_id: str) -> pb.Image:
+    """Upright (EXIF orientation); 8-bit grey, RGB and RGBA as a raw tensor; any other mode as
+    lossless PNG or TIFF bytes, which the server decodes by its own rules (16-bit, float,
+    palette, CMYK ...); modes neither format holds are converted to RGB(A) here."""
+    if im.getexif().get(0x0112, 1) != 1:  # the EXIF Orientation tag
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBa", "La"):  # premultiplied: neither PNG nor TIFF holds them
+        im = im.convert("RGBA" if im.mode == "RGBa" else "LA")
+    if im.mode in ("L", "RGB", "RGBA"):
+        return pb.Image(id=image_id, tensor=array_to_tensor(np.asarray(im)))
+    for fmt in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        try:
+            im.save(buf, format=fmt)
+        except (OSError, ValueError, KeyError):
+            continue
+        return pb.Image(id=image_id, encoded=buf.getvalue())
+    return pb.Image(id=image_id, tensor=array_to_tensor(np.asarray(im.convert("RGB"))))
 
 
 def _as_list(images: Sequence[ImageInput] | np.ndarray) -> list[ImageInput]:
@@ -120,6 +151,7 @@ def _picture(img: pb.Image) -> np.ndarray | None:
 
 def _result(r: pb.ImageScore) -> ImageScore:
     mask = _picture(r.repair_mask)
+    box = r.region
     return ImageScore(
         id=r.id,
         score=r.score,
@@ -131,6 +163,9 @@ def _result(r: pb.ImageScore) -> ImageScore:
         reconstruction=_picture(r.reconstruction),
         repaired=_picture(r.repaired),
         repair_mask=None if mask is None else mask > 0,
+        region=(box.top, box.left, box.height, box.width),
+        input_size=(r.input_height, r.input_width),
+        conversion=r.conversion,
     )
 
 
@@ -194,13 +229,15 @@ class OutlierClient:
         weights: Mapping[str, float] | None = None,
         threshold: float | None = None,
         timeout: float | None = None,
+        anomaly_map_input_size: bool = False,
     ) -> list[ImageScore]:
         """Score images; one result per image, in order. ``weights`` overrides components'
-        weights (e.g. ``{"disc": 0}``); ``threshold`` the decision threshold."""
+        weights (e.g. ``{"disc": 0}``); ``threshold`` the decision threshold;
+        ``anomaly_map_input_size`` returns the maps at each input's size (to overlay it)."""
         items = _as_list(images)
         request = pb.ScoreRequest(
             images=[_to_image(src, i) for src, i in zip(items, _ids(items, ids), strict=True)],
-            options=self._options(anomaly_maps, reconstructions, repaired, weights, threshold),
+            options=self._options(anomaly_maps, reconstructions, repaired, weights, threshold, anomaly_map_input_size),
         )
         response = self._call(self._stub.Score, request, timeout)
         return [_result(r) for r in response.results]
@@ -213,9 +250,10 @@ class OutlierClient:
         weights: Mapping[str, float] | None = None,
         threshold: float | None = None,
         timeout: float | None = None,
+        anomaly_map_input_size: bool = False,
     ) -> Iterator[list[ImageScore]]:
         """Score many batches over one ScoreStream call (no retries); yields per batch."""
-        options = self._options(anomaly_maps, False, False, weights, threshold)
+        options = self._options(anomaly_maps, False, False, weights, threshold, anomaly_map_input_size)
 
         def requests() -> Iterator[pb.ScoreRequest]:
             for batch in batches:
@@ -262,6 +300,7 @@ class OutlierClient:
             channels=m.image.channels,
             height=m.image.height,
             width=m.image.width,
+            resize=m.image.resize,
             providers=list(m.providers),
             calibrated=m.calibration.calibrated,
             threshold=m.calibration.threshold,
@@ -281,6 +320,7 @@ class OutlierClient:
         repaired: bool,
         weights: Mapping[str, float] | None,
         threshold: float | None,
+        anomaly_map_input_size: bool = False,
     ) -> pb.ScoreOptions:
         unknown = set(weights or {}) - set(COMPONENTS)
         if unknown:
@@ -289,6 +329,7 @@ class OutlierClient:
             return_anomaly_map=anomaly_maps,
             return_reconstruction=reconstructions,
             return_repaired=repaired,
+            anomaly_map_input_size=anomaly_map_input_size,
             image_format=pb.IMAGE_FORMAT_RAW,
             weights=pb.Components(**dict(weights or {})),
             threshold=threshold,

@@ -49,7 +49,8 @@ def test_train_flags_default_to_the_train_config_defaults() -> None:
     cfg, _, _ = _train_configs(build_parser().parse_args(["train", "--out", "x"]))
     d = TrainConfig()
     for name in ("adv_loss", "adv_weight", "d_negatives", "d_noise", "d_lr_scale", "ema_decay", "mask_prob",
-                 "kl_weight", "feature_weight", "pixel_weight", "val_fraction", "target_fpr", "batch_size"):
+                 "kl_weight", "feature_weight", "pixel_weight", "val_fraction", "selection_fraction", "target_fpr",
+                 "batch_size"):
         assert getattr(cfg, name) == getattr(d, name), name
 
 

@@ -1,4 +1,11 @@
-"""Calibration on held-out normal images, through the exact ONNX scoring path that serves."""
+"""Calibration on held-out normal images, through the exact ONNX scoring path that serves.
+
+Two parts of held-out normals go in: the *selection* part chooses the score weights and gives
+the component mean/std; the *calibration* part, looked at by nothing else, sets the conformal
+threshold (:class:`service.runtime.Calibration`). The guard rails (:mod:`trainer.guards`) run
+on the way: a collapsed generator or a calibration set too small for the target FPR is logged
+loudly and recorded under the manifest's ``calibration.warnings``.
+"""
 
 from __future__ import annotations
 
@@ -10,55 +17,112 @@ import numpy as np
 
 from service.runtime import Calibration, Runtime
 from service.runtime.bundle import GRAPHS, load_bundle, write_manifest
-from service.runtime.scoring import COMPONENTS, anomaly_map, raw_components
+from service.runtime.preprocess import denormalize
+from service.runtime.scoring import COMPONENTS, anomaly_map, component_stats, raw_components
+from trainer.guards import calibration_size_report, collapse_report, fired_warnings, log_warnings
 from trainer.selection import corrupt, select_weights
 
 __all__ = ["calibrate_bundle", "components_of"]
 
 logger = logging.getLogger(__name__)
 
-def components_of(rt: Runtime, images: np.ndarray, batch: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Raw components and anomaly maps of uint8 (N, H, W, C) images at model size."""
+
+def _forward_all(
+    rt: Runtime, images: np.ndarray, batch: int = 256, reconstructions: bool = False
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
     comps: dict[str, list[np.ndarray]] = {k: [] for k in COMPONENTS}
-    maps = []
+    maps, recon = [], []
     for i in range(0, len(images), batch):
         fwd = rt.forward_images(images[i : i + batch])
         for k, v in raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit).items():
             comps[k].append(v)
         maps.append(anomaly_map(fwd.x, fwd.x_hat))
-    return {k: np.concatenate(v) for k, v in comps.items()}, np.concatenate(maps)
+        if reconstructions:
+            recon.append(denormalize(fwd.x_hat, rt.spec))
+    out = {k: np.concatenate(v) for k, v in comps.items()}
+    return out, np.concatenate(maps), np.concatenate(recon) if reconstructions else None
+
+
+def components_of(rt: Runtime, images: np.ndarray, batch: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Raw components and anomaly maps of uint8 (N, H, W, C) images at model size."""
+    comps, maps, _ = _forward_all(rt, images, batch)
+    return comps, maps
 
 
 def calibrate_bundle(
     bundle_dir: str | Path,
     normal_images: np.ndarray,
     *,
+    selection_images: np.ndarray | None = None,
     target_fpr: float = 0.01,
     weights: dict[str, float] | None = None,
     selection: dict[str, Any] | None = None,
     seed: int = 0,
     out_dir: str | Path | None = None,
     bump_version: bool = False,
+    parts: dict[str, Any] | None = None,
+    size_remedy: str | None = None,
+    record_in_training: bool = False,
 ) -> Calibration:
-    """Fit the calibration on normal images (uint8 (N, H, W, C), model size) and store it.
+    """Fit the calibration and store it in the bundle's manifest.
 
-    ``weights=None`` chooses them without labels (:func:`trainer.selection.select_weights`: the
-    weighting that best separates these normals from corrupted copies of them). Writes into
-    ``out_dir`` (default: the bundle itself) with the sha256 entries recomputed;
+    Args:
+        normal_images: the *calibration part*, uint8 (N, H, W, C) at model size: sets the
+            threshold and tail probabilities, nothing else.
+        selection_images: the *selection part*: gives the component mean/std and, with
+            ``weights=None``, chooses the weights without labels
+            (:func:`trainer.selection.select_weights`: the weighting that best separates these
+            normals from corrupted copies of them). ``None``: ``weights`` must be given and the
+            mean/std are kept from the bundle's current calibration.
+        parts: sizes and id hashes of the parts, stored as ``calibration.parts``.
+        size_remedy: what the too-small-calibration warning tells the user to do.
+        record_in_training: also store the guard reports under ``training.checks`` and the
+            fired ones under ``training.warnings`` (``vaegan train`` / ``vaegan export``).
+
+    Writes into ``out_dir`` (default: the bundle itself) with the sha256 entries recomputed;
     ``bump_version`` increments the manifest's version (recalibrating an existing bundle).
     """
     bundle = load_bundle(bundle_dir)
     rt = Runtime(bundle, providers="cpu")
-    comps, maps = components_of(rt, normal_images)
-    if weights is None:
-        corrupted, _ = components_of(rt, corrupt(normal_images, seed=seed)[0])
-        weights, report = select_weights(comps, corrupted)
-        selection = {**report, **(selection or {})}
+    for k, v in (weights or {}).items():  # a NaN weight fails here, before any scoring
+        if not np.isfinite(float(v)):
+            raise ValueError(f"calibration weight of component {k!r} is not finite ({v})")
+    comps, maps, recon = _forward_all(rt, normal_images, reconstructions=True)
+    assert recon is not None
+    if selection_images is not None:
+        sel_comps, _, _ = _forward_all(rt, selection_images)
+        stats, stats_source = component_stats(sel_comps), "selection part"
+        if weights is None:
+            corrupted, _ = components_of(rt, corrupt(selection_images, seed=seed)[0])
+            weights, report = select_weights(sel_comps, corrupted)
+            selection = {**report, **(selection or {})}
+        else:
+            selection = {"method": "given", **(selection or {})}
     else:
+        if weights is None:
+            raise ValueError("choosing weights without labels needs a selection part (selection_images)")
+        if bundle.calibration is None:
+            raise ValueError("fixed weights without a selection part need a calibrated bundle (its component mean/std)")
+        stats = dict(bundle.calibration.stats)
+        stats_source = f"kept from the previous calibration ({bundle.calibration.stats_source})"
         selection = {"method": "given", **(selection or {})}
-    cal = Calibration.fit(comps, weights, target_fpr=target_fpr, maps=maps, selection=selection)
+    checks = {
+        "collapse": collapse_report(recon, normal_images),
+        "calibration_size": calibration_size_report(len(normal_images), target_fpr, size_remedy),
+    }
+    warnings = fired_warnings(checks.values())
+    log_warnings(warnings, f"calibrating {bundle.path}", logger)
+    cal = Calibration.fit(
+        comps, weights, target_fpr=target_fpr, maps=maps, selection=selection, seed=seed,
+        stats=stats, stats_source=stats_source, parts=parts, warnings=warnings,
+    )
     manifest = dict(bundle.manifest)
     manifest["calibration"] = cal.to_dict()
+    if record_in_training:
+        training = dict(manifest.get("training") or {})
+        training["checks"] = checks
+        training["warnings"] = [w["kind"] for w in warnings]
+        manifest["training"] = training
     if bump_version:
         manifest["version"] = int(manifest.get("version", 1)) + 1
     dest = Path(out_dir) if out_dir is not None else bundle.path
@@ -70,7 +134,8 @@ def calibrate_bundle(
             shutil.copy2(bundle.path / f, dest / f)
     write_manifest(dest, manifest)
     logger.info(
-        "calibrated on %d normal images: weights %s, threshold %.3f at target FPR %.3f",
-        cal.n, cal.weights, cal.threshold(), target_fpr,
+        "calibrated on %d normal images (mean/std from the %s): weights %s, threshold %.3f at "
+        "target FPR %g (conformal rank %d of %d)",
+        cal.n, stats_source, cal.weights, cal.threshold(), target_fpr, min(cal.rank, cal.n), cal.n,
     )
     return cal

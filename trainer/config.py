@@ -31,9 +31,14 @@ class TrainConfig:
     d_negatives: str = "erase"  # comma list of NEGATIVE_KINDS: altered real images D must call fake; "" = none
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
-    val_fraction: float = 0.1  # held-out normal images for calibration, never trained on
+    # held-out normals, never trained on: share of the train split (plus the dataset's own
+    # validation split where it has one), then cut into two parts of their own
+    val_fraction: float = 0.2
+    # share of the held-out normals in the *selection* part (per-epoch validation, checkpoint,
+    # weights, component mean/std); the rest is the *calibration* part (threshold only)
+    selection_fraction: float = 0.5
     max_train: int | None = None  # cap on training images (quick runs)
-    target_fpr: float = 0.01  # calibration threshold = (1 - target_fpr) quantile
+    target_fpr: float = 0.01  # calibration threshold: conformal, P(normal flagged) <= target_fpr
     select_checkpoint: str = "best"  # best (label-free selection signal) | last
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -46,6 +51,8 @@ class TrainConfig:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.selection_fraction < 1.0:
+            raise ValueError(f"selection_fraction must be in (0, 1), got {self.selection_fraction}")
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
         if self.select_checkpoint not in ("best", "last"):

@@ -58,7 +58,11 @@ def to_tensor(images: np.ndarray, spec: ImageSpec) -> torch.Tensor:
 
 
 def split_normal(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Deterministic split of normal training images into (train, held-out validation)."""
+    """Deterministic split of normal training images into (train, held-out normals).
+
+    The held-out normals are then cut into a selection and a calibration part
+    (:func:`trainer.selection.split_held_out`); see :func:`trainer.pipeline.load_split`.
+    """
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(data))
     n_val = max(2, int(round(len(data) * val_fraction)))
@@ -115,8 +119,9 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 def _validate(model: VAEGAN, x_val: torch.Tensor, x_corrupt: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """Held-out normal reconstruction errors, and how well the best weighting separates the
-    held-out normals from corrupted copies (the label-free model-selection signal)."""
+    """Reconstruction errors of the selection part of the held-out normals, and how well the
+    best weighting separates them from corrupted copies (the label-free model-selection
+    signal). The calibration part is never seen here: it only sets the threshold."""
     normal = components_torch(model, x_val, device)
     corrupted = components_torch(model, x_corrupt, device)
     weights, report = select_weights(normal, corrupted)
@@ -143,14 +148,18 @@ def fit(
     model_cfg: ModelConfig,
     spec: ImageSpec,
     train: ImageSet,
-    val: ImageSet,
+    selection: ImageSet,
     run_dir: Path,
     *,
     resume: bool = False,
     tensorboard: bool = False,
     progress: bool = True,
 ) -> RunResult:
-    """Train for ``cfg.epochs`` epochs, checkpointing every epoch to ``run_dir/checkpoints``."""
+    """Train for ``cfg.epochs`` epochs, checkpointing every epoch to ``run_dir/checkpoints``.
+
+    ``selection``: the selection part of the held-out normals, validated every epoch (the
+    checkpoint is chosen on it); the calibration part must not be passed here.
+    """
     from tqdm.auto import tqdm
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +185,8 @@ def fit(
             ema.load_state_dict(model_from_checkpoint(ckpt).to(device).state_dict())
     scored = model if ema is None else ema
 
-    x_train, x_val = to_tensor(train.images, spec), to_tensor(val.images, spec)
-    x_corrupt = to_tensor(corrupt(val.images, seed=cfg.seed)[0], spec)
+    x_train, x_val = to_tensor(train.images, spec), to_tensor(selection.images, spec)
+    x_corrupt = to_tensor(corrupt(selection.images, seed=cfg.seed)[0], spec)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     writer = None
     if tensorboard:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,48 +14,124 @@ import numpy as np
 from models import ModelConfig
 from service.runtime.preprocess import ImageSpec
 from trainer.config import TrainConfig
-from trainer.data import NATIVE, ImageSet, load_dataset
+from trainer.data import NATIVE, DatasetError, ImageSet, load_dataset
 from trainer.loop import RunResult, fit, split_normal
+from trainer.selection import part_record, split_held_out
 
-__all__ = ["TrainOutcome", "export_checkpoint", "image_spec_for", "load_split", "train_and_export"]
+__all__ = [
+    "NormalSplit",
+    "TrainOutcome",
+    "export_checkpoint",
+    "image_spec_for",
+    "load_split",
+    "train_and_export",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainOutcome:
+    """What ``vaegan train`` produced; ``warnings``: the guard-rail reports that fired."""
+
     run: RunResult
     bundle_dir: Path
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
-def image_spec_for(dataset: str, image_size: int | None, channels: int | None) -> ImageSpec:
-    """Model input spec: the dataset's native channels/size unless overridden."""
+@dataclass
+class NormalSplit:
+    """A run's normal images in three disjoint parts (no image id is in two of them).
+
+    ``train`` is trained on; ``selection`` (per-epoch validation, checkpoint choice, score
+    weights, component mean/std) and ``calibration`` (the threshold, nothing else) are the
+    held-out normals. ``held_out_from``: how many held-out images each source gave.
+    """
+
+    train: ImageSet
+    selection: ImageSet
+    calibration: ImageSet
+    held_out_from: dict[str, int] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """Sizes and id hashes of the parts, for the manifest's ``calibration.parts``."""
+        return {
+            "train": part_record(self.train),
+            "selection": part_record(self.selection),
+            "calibration": part_record(self.calibration),
+            "held_out_from": dict(self.held_out_from),
+        }
+
+
+def _normal_only(data: ImageSet, cfg: TrainConfig, split: str) -> ImageSet:
+    if cfg.normal_class is None:
+        return data
+    keep = (data.labels == cfg.normal_class).nonzero()[0]
+    if len(keep) == 0 and split == "train":
+        raise ValueError(f"--normal-class {cfg.normal_class}: no such class in {cfg.dataset}")
+    return data.subset(keep)
+
+
+def _concat(a: ImageSet, b: ImageSet, names: tuple[str, str]) -> ImageSet:
+    """``a`` then ``b``; ids that collide get their split's name as a prefix."""
+    ids_a, ids_b = list(a.ids or []), list(b.ids or [])
+    if set(ids_a) & set(ids_b):
+        ids_a, ids_b = [f"{names[0]}:{i}" for i in ids_a], [f"{names[1]}:{i}" for i in ids_b]
+    masks = None if a.masks is None or b.masks is None else np.concatenate([a.masks, b.masks])
+    return ImageSet(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]), masks,
+                    list(a.class_names), ids_a + ids_b)
+
+
+def image_spec_for(
+    dataset: str, image_size: int | None, channels: int | None, data_root: str | Path | None = None
+) -> ImageSpec:
+    """Model input spec: the dataset's native channels/size unless overridden.
+
+    For ``folder`` with a ``data_root``, what is not given follows the images' headers
+    (:func:`trainer.data.folder.folder_defaults`): 1 channel when all are grey, else 3; the
+    largest side seen, clamped to 28..256. So a folder of 28x28 grey images trains as 28x28x1.
+    """
     native_c, native_s = NATIVE[dataset]
+    if dataset == "folder" and data_root is not None and (image_size is None or channels is None):
+        from trainer.data.folder import folder_defaults
+
+        found = folder_defaults(Path(data_root).expanduser())
+        if found is not None:
+            native_c, native_s = found
+            logger.info("folder defaults from the images in %s: %d channel(s), %dx%d", data_root, *found, found[1])
     size = image_size or native_s
     return ImageSpec(channels=channels or native_c, height=size, width=size, mean=(0.5,), std=(0.5,))
 
 
-def load_split(cfg: TrainConfig, spec: ImageSpec) -> tuple[ImageSet, ImageSet]:
-    """The normal training images and the held-out calibration images, deterministically.
+def load_split(cfg: TrainConfig, spec: ImageSpec) -> NormalSplit:
+    """The normal training images and the two held-out parts, deterministically.
 
-    The same (dataset, root, normal class, seed, val_fraction) always gives the same split, so
-    ``vaegan export`` can calibrate a checkpoint on exactly the images training held out.
+    Held-out normals = ``val_fraction`` of the train split (seeded) plus, when the dataset has
+    one (``mvtec``), its whole ``validation`` split; they are then cut (seeded,
+    ``selection_fraction``) into the selection and calibration parts. The same (dataset,
+    root, normal class, seed, fractions) always gives the same parts, so ``vaegan export`` and
+    ``vaegan calibrate --dataset`` rebuild exactly the images training held out.
     """
-    data = load_dataset(cfg.dataset, cfg.data_root, "train", spec, seed=cfg.seed)
-    if cfg.normal_class is not None:
-        keep = (data.labels == cfg.normal_class).nonzero()[0]
-        if len(keep) == 0:
-            raise ValueError(f"--normal-class {cfg.normal_class}: no such class in {cfg.dataset}")
-        data = data.subset(keep)
-    train, val = split_normal(data, cfg.val_fraction, cfg.seed)
+    data = _normal_only(load_dataset(cfg.dataset, cfg.data_root, "train", spec, seed=cfg.seed), cfg, "train")
+    train, held = split_normal(data, cfg.val_fraction, cfg.seed)
+    held_out_from = {"train": len(held)}
+    try:
+        val = load_dataset(cfg.dataset, cfg.data_root, "validation", spec, seed=cfg.seed)
+    except DatasetError as e:  # most datasets have no validation split
+        logger.debug("no validation split: %s", e)
+    else:
+        val = _normal_only(val, cfg, "validation")
+        held = _concat(held, val, ("train", "validation"))
+        held_out_from["validation"] = len(val)
     if cfg.max_train is not None and len(train) > cfg.max_train:
         train = train.subset(np.arange(cfg.max_train))
-    return train, val
+    selection, calibration = split_held_out(held, cfg.selection_fraction, cfg.seed)
+    return NormalSplit(train, selection, calibration, held_out_from)
 
 
 def select_checkpoint(run: RunResult, how: str) -> Path:
-    """``last``, or the epoch whose held-out normals are best separated from their corrupted
-    copies (``val_selection_auroc``); no test labels involved."""
+    """``last``, or the epoch whose selection-part normals are best separated from their
+    corrupted copies (``val_selection_auroc``); no test labels, no calibration images."""
     if how == "last" or not run.history:
         return run.checkpoint
     best = max(run.history, key=lambda r: r.get("val_selection_auroc", float("-inf")))
@@ -64,7 +140,10 @@ def select_checkpoint(run: RunResult, how: str) -> Path:
     return path if path.is_file() else run.checkpoint
 
 
-def training_summary(cfg: TrainConfig, history: list[dict[str, float]], n_train: int, n_val: int) -> dict[str, Any]:
+def training_summary(
+    cfg: TrainConfig, history: list[dict[str, float]], n_train: int, n_val: int, n_selection: int = 0
+) -> dict[str, Any]:
+    """The manifest's ``training`` block (``n_val``: the calibration part's size)."""
     last = history[-1] if history else {}
     return {
         "dataset": cfg.dataset,
@@ -72,6 +151,7 @@ def training_summary(cfg: TrainConfig, history: list[dict[str, float]], n_train:
         "epochs": int(last.get("epoch", 0)),
         "seed": cfg.seed,
         "n_train": n_train,
+        "n_selection": n_selection,
         "n_calibration": n_val,
         "losses": {k: v for k, v in last.items() if k not in ("epoch", "seconds")},
         "train_seconds": last.get("seconds"),
@@ -87,24 +167,33 @@ def _bundle_from_checkpoint(
     name: str | None,
     version: int,
     n_train: int,
-    val: ImageSet | None,
+    split: NormalSplit | None,
 ) -> dict[str, Any]:
     """Export a checkpoint (its configs and image spec travel inside it) and, given the
-    held-out normals, calibrate the bundle on them. Returns the manifest as exported."""
+    held-out parts, calibrate the bundle on them (weights and mean/std from the selection
+    part, threshold from the calibration part; guard rails logged and recorded). Returns the
+    manifest as written."""
     from export import write_bundle
     from trainer.calibrate import calibrate_bundle
     from trainer.checkpoint import model_from_checkpoint
 
     cfg = TrainConfig.from_dict(ckpt["train_config"])
-    training = training_summary(cfg, list(ckpt["history"]), n_train, 0 if val is None else len(val))
+    training = training_summary(
+        cfg, list(ckpt["history"]), n_train,
+        0 if split is None else len(split.calibration), 0 if split is None else len(split.selection),
+    )
     training["selected_checkpoint"] = source
     default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
     manifest = write_bundle(
         model_from_checkpoint(ckpt), ImageSpec.from_dict(ckpt["image_spec"]), out_dir,
         name=name or default_name, version=version, training=training,
     )
-    if val is not None:
-        calibrate_bundle(out_dir, val.images, target_fpr=cfg.target_fpr, seed=cfg.seed)
+    if split is not None:
+        calibrate_bundle(
+            out_dir, split.calibration.images, selection_images=split.selection.images,
+            target_fpr=cfg.target_fpr, seed=cfg.seed, parts=split.record(), record_in_training=True,
+        )
+        manifest = json.loads((out_dir / "manifest.json").read_text())
     return manifest
 
 
@@ -116,11 +205,11 @@ def export_checkpoint(
     from trainer.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    n_train, val = 0, None
+    n_train, split = 0, None
     if calibrate:
-        train, val = load_split(TrainConfig.from_dict(ckpt["train_config"]), ImageSpec.from_dict(ckpt["image_spec"]))
-        n_train = len(train)
-    return _bundle_from_checkpoint(ckpt, checkpoint.name, out_dir, name=name, version=version, n_train=n_train, val=val)
+        split = load_split(TrainConfig.from_dict(ckpt["train_config"]), ImageSpec.from_dict(ckpt["image_spec"]))
+        n_train = len(split.train)
+    return _bundle_from_checkpoint(ckpt, checkpoint.name, out_dir, name=name, version=version, n_train=n_train, split=split)
 
 
 def train_and_export(
@@ -134,17 +223,35 @@ def train_and_export(
     tensorboard: bool = False,
     progress: bool = True,
 ) -> TrainOutcome:
-    """The whole ``vaegan train``: load data, fit, export ``run_dir/bundle``, calibrate it."""
-    train, val = load_split(cfg, spec)
-    logger.info("training on %d normal images, %d held out for calibration", len(train), len(val))
+    """The whole ``vaegan train``: load data, fit, export ``run_dir/bundle``, calibrate it.
+
+    The selection part validates every epoch and chooses the checkpoint and weights; the
+    calibration part only sets the threshold. Guard-rail warnings (collapsed generator,
+    calibration set too small) are logged loudly and returned in ``TrainOutcome.warnings``.
+    """
+    split = load_split(cfg, spec)
+    train = split.train
+    logger.info(
+        "training on %d normal images; held out %d for selection (checkpoint, weights, mean/std) "
+        "and %d for calibration (threshold only)", len(train), len(split.selection), len(split.calibration),
+    )
     fill = tuple(float(v) for v in (train.images.reshape(-1, spec.channels).mean(0) / 255.0))
     spec = dataclasses.replace(spec, fill=fill)
 
-    run = fit(cfg, model_cfg, spec, train, val, run_dir, resume=resume, tensorboard=tensorboard, progress=progress)
+    run = fit(cfg, model_cfg, spec, train, split.selection, run_dir, resume=resume, tensorboard=tensorboard, progress=progress)
     bundle_dir = run_dir / "bundle"
     chosen = select_checkpoint(run, cfg.select_checkpoint)
     from trainer.checkpoint import load_checkpoint
 
-    _bundle_from_checkpoint(load_checkpoint(chosen), chosen.name, bundle_dir, name=name, version=1, n_train=len(train), val=val)
+    manifest = _bundle_from_checkpoint(
+        load_checkpoint(chosen), chosen.name, bundle_dir, name=name, version=1, n_train=len(train), split=split,
+    )
     (run_dir / "history.json").write_text(json.dumps(run.history, indent=2) + "\n")
-    return TrainOutcome(run, bundle_dir)
+    warnings = list((manifest.get("calibration") or {}).get("warnings", []))
+    if warnings:
+        logger.warning(
+            "training finished with %d guard-rail warning(s) (%s): review the bundle %s before "
+            "deploying it; details above and under calibration.warnings in its manifest.json",
+            len(warnings), ", ".join(w["kind"] for w in warnings), bundle_dir,
+        )
+    return TrainOutcome(run, bundle_dir, warnings)

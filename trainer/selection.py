@@ -8,17 +8,58 @@ flipped or rotated half, a cut-out — so no knowledge of the test anomalies goe
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from service.runtime.scoring import COMPONENTS
 from service.runtime.stats import auroc
+from trainer.data import ImageSet
 
-__all__ = ["CORRUPTIONS", "DROP_MARGIN", "corrupt", "select_weights", "separation"]
+__all__ = [
+    "CORRUPTIONS",
+    "DROP_MARGIN",
+    "corrupt",
+    "ids_digest",
+    "part_record",
+    "select_weights",
+    "separation",
+    "split_held_out",
+]
 
 CORRUPTIONS = ("paste", "scratch", "noise", "flip_half", "rotate", "cutout")
 DROP_MARGIN = 0.01  # separation AUROC gain needed to drop a component from equal weights
+
+
+def split_held_out(held: ImageSet, selection_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Deterministic split of held-out normals into (selection part, calibration part).
+
+    The selection part chooses the checkpoint and the score weights and gives the component
+    mean/std; the calibration part only sets the threshold, so the threshold is computed on
+    images that nothing else has looked at (the condition of the conformal guarantee). The
+    same (images, fraction, seed) always gives the same parts; each part gets >= 2 images.
+    """
+    n = len(held)
+    if n < 4:
+        raise ValueError(f"held-out normals: {n} images cannot make a selection and a calibration part (need >= 4)")
+    if not 0.0 < selection_fraction < 1.0:
+        raise ValueError(f"selection_fraction must be in (0, 1), got {selection_fraction}")
+    # its own stream: independent of the train/held-out permutation drawn from the same seed
+    idx = np.random.default_rng(np.random.SeedSequence([seed, 0x5E1EC7])).permutation(n)
+    n_sel = min(max(2, int(round(n * selection_fraction))), n - 2)
+    return held.subset(np.sort(idx[:n_sel])), held.subset(np.sort(idx[n_sel:]))
+
+
+def ids_digest(ids: list[str] | None) -> str:
+    """sha256 of the sorted image ids, one per line: names a part without listing it."""
+    return hashlib.sha256("\n".join(sorted(ids or [])).encode()).hexdigest()
+
+
+def part_record(part: ImageSet) -> dict[str, Any]:
+    """{"n", "ids_sha256"} of one part, for the manifest's ``calibration.parts``."""
+    return {"n": len(part), "ids_sha256": ids_digest(part.ids)}
 
 
 def _box(rng: np.random.Generator, h: int, w: int, lo: float = 0.15, hi: float = 0.4) -> tuple[int, int, int, int]:

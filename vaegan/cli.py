@@ -20,6 +20,11 @@ logger = logging.getLogger("vaegan")
 
 EXIT_USAGE = 2
 
+# trainer.data.DATASETS and SPLITS, spelt out so that building the parser imports no trainer
+# module (vaegan serve runs without the training code); a test checks that they agree
+DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "folder", "mvtec")
+SPLITS = ("train", "validation", "test")
+
 
 class CliError(Exception):
     """A user-fixable problem: printed as one line, exit code 2."""
@@ -40,7 +45,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fit a VAE-GAN on normal images, export and calibrate a bundle",
                        description="Fit on normal images; writes checkpoints, logs and RUN_DIR/bundle/.")
-    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "mnist", "fashion-mnist", "cifar10", "folder"])
+    p.add_argument("--dataset", default="synthetic", choices=DATASETS)
     p.add_argument("--data-root", type=Path, help="folder with the dataset files (not for synthetic)")
     p.add_argument("--normal-class", type=int, help="one-class protocol: train on this class id only")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, bundle/)")
@@ -64,7 +69,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="> 0: select, calibrate and export a moving average of the weights (e.g. 0.999)")
     g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out normals for calibration")
+    g.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the normal training images held out (never trained on), plus the "
+                        "dataset's own validation split where it has one; default %(default)s")
+    g.add_argument("--selection-fraction", type=float, default=0.5,
+                   help="share of the held-out normals that choose the checkpoint, the weights and the "
+                        "component mean/std; the rest only sets the threshold; default %(default)s")
     g.add_argument("--max-train", type=int, help="cap the number of training images")
     g.add_argument("--target-fpr", type=float, default=0.01)
     g.add_argument("--seed", type=int, default=0)
@@ -100,10 +110,11 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
             adv_weight=a.adv_weight, adv_loss=a.adv_loss, d_lr_scale=a.d_lr_scale, d_noise=a.d_noise,
             d_negatives=a.d_negatives, ema_decay=a.ema_decay,
             mask_prob=a.mask_prob,
-            val_fraction=a.val_fraction, max_train=a.max_train, target_fpr=a.target_fpr,
+            val_fraction=a.val_fraction, selection_fraction=a.selection_fraction,
+            max_train=a.max_train, target_fpr=a.target_fpr,
             seed=a.seed, device=a.device, num_workers=a.num_workers,
         )
-        spec = image_spec_for(a.dataset, a.image_size, a.channels)
+        spec = image_spec_for(a.dataset, a.image_size, a.channels, a.data_root)
         model_cfg = ModelConfig(
             num_channels=spec.channels, image_size=spec.height, latent_dim=a.latent_dim,
             base_width=a.base_width, spectral_norm=not a.no_spectral_norm,
@@ -155,10 +166,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
 # ---- calibrate / evaluate -------------------------------------------------------------
 def _add_data_source(p: argparse.ArgumentParser, *, pair: bool) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["synthetic", "mnist", "fashion-mnist", "cifar10", "folder"])
+    g.add_argument("--dataset", choices=DATASETS,
+                   help="mvtec: ROOT/test/good is normal, every ROOT/test/<type> anomalous (no --normal-class)")
     g.add_argument("--data-root", type=Path)
     g.add_argument("--normal-class", type=int, help="the normal class (others are anomalies)")
-    g.add_argument("--split", default="test", choices=["train", "test"])
+    g.add_argument("--split", default="test", choices=SPLITS,
+                   help="default %(default)s; validation: mvtec's validation/good only")
     g.add_argument("--limit", type=int, help="use at most this many images")
     if pair:
         g.add_argument("--normal", type=Path, help="folder of normal images")
@@ -169,6 +182,8 @@ def _add_data_source(p: argparse.ArgumentParser, *, pair: bool) -> None:
 
 
 def _load_eval_data(a: argparse.Namespace, spec, pair: bool):  # noqa: ANN001, ANN202
+    """The images to calibrate on (``pair=False``: normal images only) or to evaluate
+    (``pair=True``: label 0 normal, label k > 0 anomalous of type ``class_names[k]``)."""
     from trainer.data import load_dataset, load_folder_pair
 
     if pair and a.normal is not None:
@@ -181,16 +196,34 @@ def _load_eval_data(a: argparse.Namespace, spec, pair: bool):  # noqa: ANN001, A
         raise CliError("give --dataset (with --normal-class) or " + ("--normal/--anomalous" if pair else "--data"))
     if a.dataset != "synthetic" and a.data_root is None:
         raise CliError(f"--data-root is required for --dataset {a.dataset}")
+    if a.dataset == "mvtec" and a.normal_class is not None:
+        raise CliError("--normal-class does not apply to --dataset mvtec: its good images are the normal class")
     data = load_dataset(a.dataset, a.data_root, a.split, spec, limit=a.limit)
+    if a.dataset == "mvtec":  # good = label 0 in every split; defect types keep their labels
+        return data if pair else data.subset((data.labels == 0).nonzero()[0])
     if a.normal_class is not None:
+        if not 0 <= a.normal_class < len(data.class_names):
+            raise CliError(f"--normal-class {a.normal_class}: {a.dataset} has classes 0..{len(data.class_names) - 1}")
         if not pair:
             data = data.subset((data.labels == a.normal_class).nonzero()[0])
         else:
-            import numpy as np
-
-            data.labels = (data.labels != a.normal_class).astype(np.int64)
+            data = _normal_class_first(data, a.normal_class)
     elif a.dataset != "synthetic":
         raise CliError("--normal-class is required for a labelled dataset")
+    return data
+
+
+def _normal_class_first(data, normal_class: int):  # noqa: ANN001, ANN202 - an ImageSet
+    """Relabel so that ``normal_class`` is 0 and every other class keeps its own label and
+    name (class_names reordered to match): evaluation reports each anomaly class apart."""
+    import numpy as np
+
+    names = list(data.class_names)
+    order = [normal_class, *(c for c in range(len(names)) if c != normal_class)]
+    new_label = np.empty(len(names), np.int64)
+    new_label[order] = np.arange(len(names))
+    data.labels = new_label[data.labels]
+    data.class_names = [names[c] for c in order]
     return data
 
 
@@ -201,11 +234,80 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-fpr", type=float, default=0.01)
     p.add_argument("--weights", help="fixed weights pixel,feature,disc (default: chosen without labels)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--selection-fraction", type=float,
+                   help="share of the images that choose the weights and the component mean/std; the "
+                        "rest sets the threshold (default: the training run's, else 0.5)")
     _add_data_source(p, pair=False)
-    p.set_defaults(func=_cmd_calibrate)
+    # never the test split by default: with --dataset, the calibration part training held out
+    p.set_defaults(func=_cmd_calibrate, split="train")
+
+
+def _same_data(a: argparse.Namespace, train_cfg: dict) -> bool:
+    """Do --dataset/--data-root/--normal-class name the data the bundle was trained on?"""
+    if a.dataset != train_cfg.get("dataset") or a.normal_class != train_cfg.get("normal_class"):
+        return False
+    if a.dataset == "synthetic":
+        return True
+    root = train_cfg.get("data_root")
+    return a.data_root is not None and root is not None and Path(a.data_root).resolve() == Path(root).resolve()
+
+
+def _calibration_parts(a: argparse.Namespace, bundle, need_selection: bool):  # noqa: ANN001, ANN202
+    """(selection images or None, calibration images, parts record) for ``vaegan calibrate``.
+
+    ``--dataset`` naming the bundle's training data (train split): the selection and
+    calibration parts exactly as training built them. Anything else (``--data``, other data,
+    an explicit ``--split test``): the images given, split into a selection and a calibration
+    part by the function training uses when weights or mean/std must be chosen, else all for
+    calibration.
+    """
+    import numpy as np
+
+    from trainer.selection import part_record, split_held_out
+
+    train_cfg = (bundle.manifest.get("training") or {}).get("train_config")
+    if a.data is None and a.dataset is not None and a.split == "train" and train_cfg and _same_data(a, train_cfg):
+        from trainer.config import TrainConfig
+        from trainer.pipeline import load_split
+
+        split = load_split(TrainConfig.from_dict(train_cfg), bundle.spec)
+        sel, cal = split.selection, split.calibration
+        if a.limit is not None:
+            sel, cal = sel.subset(np.arange(min(a.limit, len(sel)))), cal.subset(np.arange(min(a.limit, len(cal))))
+        logger.info("calibrating on the parts training held out from %s: %d selection, %d calibration images",
+                    a.dataset, len(sel), len(cal))
+        parts = {**split.record(), "selection": part_record(sel), "calibration": part_record(cal),
+                 "source": "the training run's held-out parts"}
+        return sel, cal, parts
+    data = _load_eval_data(a, bundle.spec, pair=False)
+    if a.data is None and a.split == "test":
+        logger.warning("calibrating on the TEST split's normal images: an evaluation on the same test split "
+                       "will then overstate how well the threshold holds")
+    elif a.data is None:
+        logger.info("note: --dataset %s%s is not the data this bundle was trained on (%s); calibrating on its "
+                    "train split (were these in fact training images, the threshold would come out too low)",
+                    a.dataset,
+                    "" if a.normal_class is None else f" --normal-class {a.normal_class}",
+                    "unknown" if not train_cfg else f"{train_cfg.get('dataset')} class {train_cfg.get('normal_class')}")
+    if len(data) < 20:
+        raise CliError(f"calibration needs at least 20 normal images, got {len(data)}")
+    source = str(a.data) if a.data is not None else f"{a.dataset}/{a.split}"
+    if not need_selection:
+        return None, data, {"calibration": part_record(data), "source": source}
+    fraction = a.selection_fraction
+    if fraction is None:
+        fraction = float((train_cfg or {}).get("selection_fraction", 0.5))
+    if not 0.0 < fraction < 1.0:
+        raise CliError(f"--selection-fraction must be in (0, 1), got {fraction}")
+    sel, cal = split_held_out(data, fraction, a.seed)
+    logger.info("split %d images of %s into %d for selection (weights, mean/std) and %d for calibration",
+                len(data), source, len(sel), len(cal))
+    return sel, cal, {"selection": part_record(sel), "calibration": part_record(cal), "source": source}
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
+    import math
+
     from service.runtime.bundle import load_bundle
     from trainer.calibrate import calibrate_bundle
 
@@ -219,13 +321,23 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         if len(vals) != 3:
             raise CliError(f"--weights: expected three numbers, got {len(vals)}")
         weights = dict(zip(("pixel", "feature", "disc"), vals, strict=True))
-    data = _load_eval_data(a, bundle.spec, pair=False)
-    if len(data) < 20:
-        raise CliError(f"calibration needs at least 20 normal images, got {len(data)}")
-    cal = calibrate_bundle(a.model, data.images, target_fpr=a.target_fpr, weights=weights,
-                           seed=a.seed, out_dir=a.out, bump_version=True)
+        bad = [k for k, v in weights.items() if not math.isfinite(v)]
+        if bad:
+            raise CliError(f"--weights: the {bad[0]} weight is not a finite number ({a.weights!r})")
+    if not 0.0 < a.target_fpr < 1.0:
+        raise CliError(f"--target-fpr must be in (0, 1), got {a.target_fpr}")
+    # mean/std come from a selection part, unless weights are fixed and the bundle keeps its own
+    sel, cal_part, parts = _calibration_parts(a, bundle, need_selection=weights is None or bundle.calibration is None)
+    cal = calibrate_bundle(
+        a.model, cal_part.images, selection_images=None if sel is None else sel.images, target_fpr=a.target_fpr,
+        weights=weights, seed=a.seed, out_dir=a.out, bump_version=True, parts=parts,
+        size_remedy="calibrate on more normal images (--data / --dataset), or raise --target-fpr",
+    )
     print(f"calibrated on {cal.n} images: weights {cal.weights}, threshold {cal.threshold():.3f} "
           f"(target FPR {cal.target_fpr}); bundle: {a.out or a.model}")
+    if cal.warnings:
+        print(f"WARNING: {', '.join(w['kind'] for w in cal.warnings)}: see the log above and "
+              f"calibration.warnings in the manifest", file=sys.stderr)
     return 0
 
 
@@ -249,11 +361,28 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     write_report(ev, data, a.out)
     r = ev.report
     comp = ", ".join(f"{k} {v:.3f}" for k, v in r["component_auroc"].items())
-    print(f"image AUROC {r['image_auroc']:.4f}  AUPRC {r['image_auprc']:.4f}  F1 {r['f1']:.3f}  "
-          f"FPR {r['fpr_at_threshold']:.3f} TPR {r['tpr_at_threshold']:.3f} at threshold {r['threshold']:.2f}")
-    print(f"components alone: {comp}" + (f"; pixel AUROC {r['pixel_auroc']:.4f}" if r["pixel_auroc"] is not None else ""))
+    print(f"image AUROC {r['image_auroc']:.4f}{_ci(r['image_auroc_ci'])}  AUPRC {r['image_auprc']:.4f}  "
+          f"F1 {r['f1']:.3f}  FPR {r['fpr_at_threshold']:.3f} TPR {r['tpr_at_threshold']:.3f} "
+          f"at threshold {r['threshold']:.2f}")
+    print(f"components alone: {comp}")
+    if r["pixel_auroc"] is not None:
+        print(f"pixel AUROC {r['pixel_auroc']:.4f}{_ci(r['pixel_auroc_ci'])}  "
+              f"AU-PRO (FPR <= {r['au_pro_max_fpr']}) {_num(r['au_pro'])}{_ci(r['au_pro_ci'])}")
+    if r["image_auroc_by_type"] and len(r["image_auroc_by_type"]) > 1:
+        n = r["n_by_type"]
+        print("image AUROC by type: " + ", ".join(
+            f"{k} {_num(v, 3)} ({n[k]})" for k, v in r["image_auroc_by_type"].items()))
     print(f"wrote {a.out}/report.json")
     return 0
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(interval: list[float] | None) -> str:
+    """' [lo, hi]' for a bootstrap interval, '' without one."""
+    return "" if interval is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 # ---- inpaint ----------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Inpainting helpers (DESIGN.md section 5): mask handling and compositing. Numpy + Pillow."""
+"""Inpainting helpers: mask handling, mask geometry and compositing. Numpy + Pillow.
+
+Masks follow the image geometry of the model's :class:`~service.runtime.preprocess.ImageSpec`
+(:func:`mask_to_model`, :func:`mask_to_input`), so a fill lands exactly where the model saw
+the masked pixels, whatever the resize policy.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,23 @@ import numpy as np
 from PIL import Image
 
 from service.runtime.errors import InvalidInput
-from service.runtime.preprocess import ImageLike, decode_image
+from service.runtime.preprocess import (
+    ImageLike,
+    ImageSpec,
+    decode_image,
+    fit_to_spec,
+    frame_to_input,
+)
 
-__all__ = ["border_offset", "dilate", "mask_to_size", "prepare_mask", "resize_to"]
+__all__ = [
+    "border_offset",
+    "dilate",
+    "mask_to_input",
+    "mask_to_model",
+    "mask_to_size",
+    "prepare_mask",
+    "resize_to",
+]
 
 
 def prepare_mask(src: ImageLike, shape: tuple[int, int], where: str) -> np.ndarray:
@@ -37,6 +56,26 @@ def mask_to_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
         return mask
     im = Image.fromarray(mask.astype(np.uint8) * 255)
     return np.asarray(im.resize((width, height), Image.Resampling.BOX)) > 0
+
+
+def mask_to_model(mask: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """bool (h, w) at an input's size -> bool (spec.height, spec.width) in the model frame, with
+    the geometry :func:`~service.runtime.preprocess.to_model_size` gives the image. Any covered
+    pixel stays covered (area resize > 0); letterbox padding and cropped-away parts are False."""
+    if mask.shape == (spec.height, spec.width):
+        return mask.astype(bool, copy=True)
+    im = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(fit_to_spec(im, spec, Image.Resampling.BOX)) > 0
+
+
+def mask_to_input(mask: np.ndarray, h: int, w: int, spec: ImageSpec) -> np.ndarray:
+    """bool (spec.height, spec.width) in the model frame -> bool (h, w) over an h x w input:
+    the inverse of :func:`mask_to_model`. Only the input pixels the model saw can be covered
+    (:func:`~service.runtime.preprocess.input_region`); letterbox padding is ignored."""
+    part, (t, left, bh, bw) = frame_to_input(mask.astype(np.uint8) * 255, h, w, spec, Image.Resampling.BOX)
+    out = np.zeros((h, w), bool)
+    out[t : t + bh, left : left + bw] = part > 0
+    return out
 
 
 def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:

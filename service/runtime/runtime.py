@@ -26,14 +26,26 @@ import onnx
 from service.runtime.bundle import GRAPHS, Bundle, graph_signatures, load_bundle
 from service.runtime.compose import compose_pipeline
 from service.runtime.errors import InvalidInput, ModelNotReady
-from service.runtime.inpaint import border_offset, dilate, mask_to_size, prepare_mask, resize_to
+from service.runtime.inpaint import (
+    border_offset,
+    dilate,
+    mask_to_input,
+    mask_to_model,
+    prepare_mask,
+)
 from service.runtime.preprocess import (
     ImageLike,
+    ImageSpec,
     decode_image,
     denormalize,
+    frame_to_input,
+    input_region,
+    map_to_input,
+    match_channels,
     normalize,
-    prepare_batch,
+    prepare_inputs,
     to_channels,
+    to_model_size,
 )
 from service.runtime.scoring import anomaly_map, raw_components
 from service.runtime.session import Graph, resolve_providers
@@ -65,9 +77,17 @@ class Forward:
         return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
 
+def _no_rows(width: int) -> np.ndarray:
+    return np.zeros((0, width), np.int64)
+
+
 @dataclass
 class ScoreResult:
-    """Per-image results; every array has the batch length N first."""
+    """Per-image results; every array has the batch length N first.
+
+    ``input_sizes``, ``regions`` and ``conversions`` describe each input as it came in; left
+    empty, they say "already at model size, nothing converted".
+    """
 
     score: np.ndarray  # (N,) combined calibrated score (raw pixel component if uncalibrated)
     is_outlier: np.ndarray  # (N,) bool, score > threshold
@@ -76,9 +96,47 @@ class ScoreResult:
     components: dict[str, np.ndarray]  # "pixel" | "feature" | "disc" -> (N,)
     anomaly_map: np.ndarray  # (N, H, W) float32 at model resolution
     reconstruction: np.ndarray | None = field(default=None)  # (N, H, W, C) uint8 when asked
+    # (N, 4) int64: the part of each input the model scored, (top, left, height, width) in
+    # input pixels (preprocess.input_region): the whole input unless the policy is center_crop
+    regions: np.ndarray = field(default_factory=lambda: _no_rows(4))
+    input_sizes: np.ndarray = field(default_factory=lambda: _no_rows(2))  # (N, 2) (height, width)
+    conversions: list[str] = field(default_factory=list)  # per image: "", "grey->rgb", "rgb->grey"
+    spec: ImageSpec | None = field(default=None, repr=False)  # the model's, for map_at_input
+
+    def __post_init__(self) -> None:
+        n = len(self.score)
+        h, w = self.anomaly_map.shape[1:3]
+        if len(self.input_sizes) == 0:
+            self.input_sizes = np.tile(np.array([h, w], np.int64), (n, 1))
+        if len(self.regions) == 0:
+            self.regions = np.tile(np.array([0, 0, h, w], np.int64), (n, 1))
+        if not self.conversions:
+            self.conversions = [""] * n
 
     def __len__(self) -> int:
         return len(self.score)
+
+    def with_inputs(self, spec: ImageSpec, sizes: np.ndarray, conversions: Sequence[str]) -> ScoreResult:
+        """This result for inputs of ``sizes`` (N, 2) (height, width) that went through
+        ``conversions``: fills ``input_sizes``, ``regions``, ``conversions`` and ``spec``."""
+        sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+        if len(sizes) != len(self) or len(conversions) != len(self):
+            raise ValueError(f"{len(sizes)} sizes and {len(conversions)} conversions for {len(self)} images")
+        regions = np.array([input_region(int(h), int(w), spec) for h, w in sizes], np.int64).reshape(-1, 4)
+        return dataclasses.replace(
+            self, regions=regions, input_sizes=sizes, conversions=list(conversions), spec=spec
+        )
+
+    def map_at_input(self, i: int) -> np.ndarray:
+        """Image ``i``'s anomaly map at its input's size, float32 (h, w)
+        (:func:`~service.runtime.preprocess.map_to_input`: for ``center_crop`` the border the
+        model did not see is 0.0)."""
+        h, w = (int(v) for v in self.input_sizes[i])
+        if self.spec is None:
+            if (h, w) != self.anomaly_map.shape[1:3]:
+                raise ValueError("map_at_input needs the model's spec (see with_inputs)")
+            return np.array(self.anomaly_map[i], np.float32)
+        return map_to_input(self.anomaly_map[i], h, w, self.spec)
 
 
 class Runtime:
@@ -230,12 +288,12 @@ class Runtime:
             thr = cal.threshold(weights) if threshold is None else float(threshold)
             tail = cal.tail_probability(score, weights)
         recon = denormalize(fwd.x_hat, self.spec) if with_reconstruction else None
-        return ScoreResult(score, score > thr, tail, thr, comps, amap, recon)
+        return ScoreResult(score, score > thr, tail, thr, comps, amap, recon, spec=self.spec)
 
     # ---- public API ---------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
         """Decode, resize, normalize -> float32 (N, C, H, W)."""
-        return normalize(prepare_batch(images, self.spec), self.spec)
+        return normalize(prepare_inputs(images, self.spec).batch, self.spec)
 
     def score(
         self,
@@ -244,10 +302,14 @@ class Runtime:
         threshold: float | None = None,
         with_reconstruction: bool = False,
     ) -> ScoreResult:
-        """Score images: uint8 (N, H, W[, C]) arrays, PIL images, paths or encoded bytes."""
-        return self.score_forward(
-            self.forward_chunked(prepare_batch(images, self.spec)), weights, threshold, with_reconstruction
-        )
+        """Score images: uint8 (N, H, W[, C]) arrays, PIL images, paths or encoded bytes.
+
+        The result also says where each input landed (``regions``, ``input_sizes``,
+        ``conversions``); :meth:`ScoreResult.map_at_input` gives a map at the input's size.
+        """
+        prepared = prepare_inputs(images, self.spec)
+        res = self.score_forward(self.forward_chunked(prepared.batch), weights, threshold, with_reconstruction)
+        return res.with_inputs(self.spec, prepared.sizes, prepared.conversions)
 
     def reconstruct(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) reconstructions at model resolution."""
@@ -276,56 +338,80 @@ class Runtime:
         images: Sequence[ImageLike] | np.ndarray,
         masks: Sequence[ImageLike] | np.ndarray,
     ) -> list[np.ndarray]:
-        """Fill the masked pixels (non-zero = fill). Returns uint8 images at each input's size;
-        pixels outside the mask are returned unchanged."""
-        originals = self._originals(images)
+        """Fill the masked pixels (non-zero = fill). Returns uint8 images at each input's size
+        with the model's channel count; pixels outside the mask are returned unchanged, and so
+        are masked pixels the model does not see (outside the centre box of ``center_crop``).
+        A grey input into an RGB model gets a grey fill."""
+        originals, conversions = self._originals(images)
         if len(masks) != len(originals):
             raise InvalidInput(f"masks: got {len(masks)} masks for {len(originals)} images")
         full_masks = [prepare_mask(m, o.shape[:2], f"mask {i}") for i, (m, o) in enumerate(zip(masks, originals, strict=True))]
-        return self._inpaint_originals(originals, full_masks)
+        return self._inpaint_originals(originals, full_masks, conversions)
 
     def repair(
         self, images: Sequence[ImageLike] | np.ndarray, dilation: int = 1
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Inpaint each image where its anomaly map exceeds the calibrated map threshold.
 
-        Returns (repaired images at input size, bool masks at input size).
+        Returns (repaired images at input size, bool masks at input size). The masks follow
+        the spec's geometry, so only pixels the model scored can change: never letterbox
+        padding, never the border that ``center_crop`` cuts away.
         """
         cal = self.bundle.calibration
         if cal is None:
             raise ModelNotReady("repair needs a calibrated bundle (no map threshold)")
-        originals = self._originals(images)
+        originals, conversions = self._originals(images)
         res = self.score(originals)
         masks_small = dilate(res.anomaly_map > cal.map_threshold, dilation)
-        masks = [mask_to_size(m, o.shape[0], o.shape[1]) for m, o in zip(masks_small, originals, strict=True)]
-        return self._inpaint_originals(originals, masks), masks
+        masks = [
+            mask_to_input(m, o.shape[0], o.shape[1], self.spec) for m, o in zip(masks_small, originals, strict=True)
+        ]
+        return self._inpaint_originals(originals, masks, conversions), masks
 
     # ---- helpers ------------------------------------------------------------------------
-    def _originals(self, images: Sequence[ImageLike] | np.ndarray) -> list[np.ndarray]:
-        """Decode to uint8 (H, W, C) with the model's channel count, keeping each size."""
+    def _originals(self, images: Sequence[ImageLike] | np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+        """Decode to uint8 (H, W, C) with the model's channel count, keeping each size; and
+        each image's channel conversion."""
         if isinstance(images, np.ndarray):
             images = [images] if images.ndim == 2 else list(images)
         if len(images) == 0:
             raise InvalidInput("images: the batch is empty")
-        out = []
+        out, conversions = [], []
         for i, img in enumerate(images):
-            a = decode_image(img, where=f"image {i}")
-            out.append(to_channels(a, self.spec.channels))
-        return out
+            a, kind = match_channels(decode_image(img, where=f"image {i}"), self.spec.channels, f"image {i}")
+            out.append(a)
+            conversions.append(kind)
+        return out, conversions
 
-    def _inpaint_originals(self, originals: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+    def _inpaint_originals(
+        self, originals: list[np.ndarray], masks: list[np.ndarray], conversions: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Inpaint in the model frame (the images and masks as the model sees them), then write
+        the fill back into the masked input pixels the model saw."""
         s = self.spec
-        small = np.stack([resize_to(o, s.height, s.width) for o in originals])  # (N, h, w, C)
-        small_masks = np.stack([mask_to_size(m, s.height, s.width) for m in masks])  # (N, h, w)
+        small = np.stack([to_model_size(o, s) for o in originals])  # (N, H, W, C)
+        small_masks = np.stack([mask_to_model(m, s) for m in masks])  # (N, H, W)
         x = normalize(small, s)
         filled = []
         for i in range(0, len(x), self.max_batch_size):
             sl = slice(i, i + self.max_batch_size)
             filled.append(self.inpaint_normalized(x[sl], small_masks[sl]))
-        filled_u8 = denormalize(np.concatenate(filled), s)  # (N, h, w, C)
-        out = []
-        for o, m, f in zip(originals, masks, filled_u8, strict=True):
-            up = resize_to(f, o.shape[0], o.shape[1])
-            out.append(np.where(m[:, :, None], up, o))
+        filled_u8 = denormalize(np.concatenate(filled), s)  # (N, H, W, C)
+        return [
+            self._paste_fill(o, m, f, grey=kind == "grey->rgb")
+            for o, m, f, kind in zip(originals, masks, filled_u8, conversions, strict=True)
+        ]
+
+    def _paste_fill(self, original: np.ndarray, mask: np.ndarray, filled: np.ndarray, grey: bool) -> np.ndarray:
+        """original uint8 (h, w, C) with its ``mask`` pixels taken from ``filled`` (H, W, C),
+        the model frame mapped back onto the input; ``grey``: the fill is made grey too."""
+        if grey:
+            filled = to_channels(to_channels(filled, 1), 3)
+        h, w = original.shape[:2]
+        content, (t, left, bh, bw) = frame_to_input(filled, h, w, self.spec)
+        out = original.copy()
+        box = out[t : t + bh, left : left + bw]  # a view: written in place
+        inside = mask[t : t + bh, left : left + bw]
+        box[inside] = content[inside]
         return out
 

@@ -4,13 +4,16 @@ Components, for normalized inputs x and reconstructions x_hat = G(mu(x)):
   pixel   = mean((x - x_hat)^2)
   feature = mean((f_D(x) - f_D(x_hat))^2)
   disc    = softplus(-logit_D(x))
-Calibration on held-out normal images gives each component a mean/std; the outlier score is
-``sum_k w_k (s_k - mean_k) / std_k``; the threshold is the (1 - target_fpr) quantile of the
-calibration scores; the tail probability is the share of calibration scores >= a score.
+Held-out normal images come in two parts. The *selection* part gives each component a
+mean/std (and chooses the weights); the outlier score is ``sum_k w_k (s_k - mean_k) / std_k``.
+The *calibration* part, used for nothing else, sets the threshold (a conformal order
+statistic of its scores) and the tail probability (the conformal p-value of a score).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +26,13 @@ __all__ = [
     "COMPONENTS",
     "Calibration",
     "anomaly_map",
+    "component_stats",
+    "conformal_rank",
     "raw_components",
     "softplus",
 ]
+
+logger = logging.getLogger(__name__)
 
 COMPONENTS = ("pixel", "feature", "disc")
 MAX_STORED_SAMPLES = 4096  # calibration samples kept in the manifest (uniform subsample beyond)
@@ -57,20 +64,62 @@ def anomaly_map(x: np.ndarray, x_hat: np.ndarray) -> np.ndarray:
     return np.abs(x - x_hat).mean(axis=1).astype(np.float32)
 
 
+def component_stats(components: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Per-component (mean, std) of raw components, std floored at 1e-12 (a constant component)."""
+    return {
+        k: (float(np.mean(components[k])), max(float(np.std(components[k])), 1e-12))
+        for k in COMPONENTS
+    }
+
+
+def conformal_rank(n: int, target_fpr: float) -> int:
+    """k = ceil((n + 1)(1 - target_fpr)): the 1-indexed rank, among n calibration scores, of the
+    conformal threshold. k > n means n is too small for ``target_fpr`` (n < 1/target_fpr - 1)."""
+    return math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)  # 1e-9: (n+1)(1-a) exact in decimal
+
+
+def _check_finite(what: str, name: str, values: np.ndarray | float) -> None:
+    bad = ~np.isfinite(np.asarray(values, np.float64))
+    if np.any(bad):
+        first = np.asarray(values, np.float64).reshape(-1)[np.flatnonzero(bad.reshape(-1))[0]]
+        raise ValueError(f"calibration {what} of component {name!r} is not finite ({first})")
+
+
 @dataclass
 class Calibration:
-    """Per-component statistics of held-out normal images, and what follows from them.
+    """Component statistics, weights and the conformal threshold of a bundle.
 
-    ``samples`` holds the raw components of the calibration images, so the threshold and tail
-    probabilities can be recomputed for per-request weights.
+    ``samples`` holds the raw components of the *calibration part* of the held-out normals,
+    so the threshold and tail probabilities can be recomputed for per-request weights.
+    ``stats`` is the per-component (mean, std) used to standardize; it comes from the
+    *selection part* (the images that also chose the weights and the checkpoint), never from
+    ``samples``. Empty ``stats`` (manifests written before the two parts existed) are derived
+    from ``samples``.
+
+    **Threshold** (split conformal): with the n calibration scores sorted, the threshold is the
+    k-th smallest, k = ceil((n + 1)(1 - a)), a = ``target_fpr``. For a new normal image
+    exchangeable with the calibration images (same distribution, scored by a function that
+    did not look at them), ``P(score > threshold) <= a``, and ``>= a - 1/(n + 1)`` when
+    scores do not tie. This needs n >= 1/a - 1 (99 at a = 0.01); below that k > n, the
+    threshold is the largest calibration score, the false positive rate can reach 1/(n + 1),
+    and ``capped`` says so (a warning is logged).
+
+    **Tail probability**: the conformal p-value ``(1 + #{calibration scores >= s}) / (n + 1)``,
+    so ``tail_probability <= a`` exactly when ``score > threshold`` (unless ``capped``).
+
+    Every sample, weight and statistic must be finite: a ValueError names the component.
     """
 
-    samples: dict[str, np.ndarray]  # component -> float64 (n,)
+    samples: dict[str, np.ndarray]  # component -> float64 (n,), the calibration part
     weights: dict[str, float]
     target_fpr: float = 0.01
     map_quantile: float = 0.999  # anomaly-map threshold = this quantile of calibration map values
     map_threshold: float = float("inf")
     selection: dict[str, Any] = field(default_factory=dict)  # how the weights were chosen
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # component -> (mean, std)
+    stats_source: str = ""  # where ``stats`` came from ("" -> derived from samples)
+    parts: dict[str, Any] = field(default_factory=dict)  # the held-out parts: sizes, id hashes
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # guard-rail reports that fired
 
     def __post_init__(self) -> None:
         missing = [k for k in COMPONENTS if k not in self.samples or k not in self.weights]
@@ -78,20 +127,50 @@ class Calibration:
             raise ValueError(f"calibration lacks components {missing}")
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
-        self.samples = {k: np.asarray(self.samples[k], np.float64) for k in COMPONENTS}
+        self.samples = {k: np.asarray(self.samples[k], np.float64).reshape(-1) for k in COMPONENTS}
         self.weights = {k: float(self.weights[k]) for k in COMPONENTS}
         n = {len(v) for v in self.samples.values()}
         if len(n) != 1 or n.pop() < 2:
             raise ValueError("calibration needs the same number (>= 2) of samples per component")
-        # derived once: per-component (mean, std), and sorted scores / thresholds per weighting
-        self.stats: dict[str, tuple[float, float]] = {
-            k: (float(v.mean()), max(float(v.std()), 1e-12)) for k, v in self.samples.items()
-        }
+        for k in COMPONENTS:
+            _check_finite("samples", k, self.samples[k])
+            _check_finite("weight", k, self.weights[k])
+        if self.stats:
+            lacking = [k for k in COMPONENTS if k not in self.stats]
+            if lacking:
+                raise ValueError(f"calibration stats lack components {lacking}")
+            self.stats = {k: (float(self.stats[k][0]), float(self.stats[k][1])) for k in COMPONENTS}
+            self.stats_source = self.stats_source or "given"
+        else:
+            self.stats = component_stats(self.samples)
+            self.stats_source = "calibration samples"
+        for k, (mean, std) in self.stats.items():
+            _check_finite("mean", k, mean)
+            _check_finite("std", k, std)
+            if std <= 0.0:
+                raise ValueError(f"calibration std of component {k!r} must be > 0, got {std}")
+        if math.isnan(self.map_threshold):
+            raise ValueError("calibration map_threshold is NaN")
+        self.rank = conformal_rank(self.n, self.target_fpr)
+        self.capped = self.rank > self.n
+        if self.capped:
+            logger.warning(
+                "calibration: %d images cannot set a threshold at target FPR %g (need >= %d); "
+                "the threshold is the largest calibration score and the false positive rate "
+                "can reach 1/(n+1) = %.3f",
+                self.n, self.target_fpr, self.n_needed, 1.0 / (self.n + 1),
+            )
         self._cache: dict[tuple[float, ...], tuple[np.ndarray, float]] = {}
 
     @property
     def n(self) -> int:
+        """Number of calibration samples."""
         return len(self.samples["pixel"])
+
+    @property
+    def n_needed(self) -> int:
+        """Fewest calibration images for which the conformal threshold exists: ceil(1/a - 1)."""
+        return math.ceil(1.0 / self.target_fpr - 1.0 - 1e-9)
 
     def _weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
         w = dict(self.weights)
@@ -99,6 +178,9 @@ class Calibration:
             unknown = set(weights) - set(COMPONENTS)
             if unknown:
                 raise InvalidInput(f"unknown score components {sorted(unknown)}; known: {COMPONENTS}")
+            bad = sorted(k for k, v in weights.items() if not math.isfinite(float(v)))
+            if bad:
+                raise InvalidInput(f"score weights must be finite; got {bad[0]}={weights[bad[0]]}")
             w.update({k: float(v) for k, v in weights.items()})
         return w
 
@@ -123,7 +205,7 @@ class Calibration:
             if len(self._cache) > 64:  # per-request weights: keep the memo bounded
                 self._cache.clear()
             ref = np.sort(self.combine(self.samples, w))
-            self._cache[key] = (ref, float(np.quantile(ref, 1.0 - self.target_fpr)))
+            self._cache[key] = (ref, float(ref[min(self.rank, self.n) - 1]))
         return self._cache[key]
 
     def calibration_scores(self, weights: Mapping[str, float] | None = None) -> np.ndarray:
@@ -131,33 +213,50 @@ class Calibration:
         return self._reference(weights)[0]
 
     def threshold(self, weights: Mapping[str, float] | None = None) -> float:
-        """The (1 - target_fpr) quantile of calibration scores."""
+        """The conformal threshold: the ceil((n + 1)(1 - target_fpr))-th smallest calibration
+        score (the largest one when n is too small; see ``capped``)."""
         return self._reference(weights)[1]
 
     def tail_probability(
         self, scores: np.ndarray, weights: Mapping[str, float] | None = None
     ) -> np.ndarray:
-        """Share of calibration scores >= each score: float64 (N,), non-increasing in score."""
+        """Conformal p-value (1 + #{calibration scores >= s}) / (n + 1) of each score: float64
+        (N,) in [1/(n+1), 1], non-increasing in score."""
         ref = self.calibration_scores(weights)
         below = np.searchsorted(ref, np.asarray(scores, np.float64), side="left")
-        return (len(ref) - below) / len(ref)
+        return (1.0 + len(ref) - below) / (len(ref) + 1.0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's calibration block (JSON-ready)."""
         stats = self.stats
         return {
             "n": self.n,
             "target_fpr": self.target_fpr,
             "weights": dict(self.weights),
             "components": {k: {"mean": stats[k][0], "std": stats[k][1]} for k in COMPONENTS},
+            "stats_source": self.stats_source,
             "threshold": self.threshold(),
+            "threshold_rule": {
+                "method": "split conformal: k-th smallest calibration score, k = ceil((n+1)(1-a))",
+                "k": self.rank,
+                "n_needed": self.n_needed,
+                "capped": self.capped,
+            },
             "map_quantile": self.map_quantile,
             "map_threshold": self.map_threshold,
             "selection": self.selection,
+            "parts": self.parts,
+            "warnings": list(self.warnings),
             "samples": {k: [float(a) for a in v] for k, v in self.samples.items()},
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
+        """Read a calibration block; older blocks (no ``stats_source``) derive the stats from
+        their samples, as they were written."""
+        stats: dict[str, tuple[float, float]] = {}
+        if d.get("stats_source"):
+            stats = {k: (float(v["mean"]), float(v["std"])) for k, v in d["components"].items()}
         return cls(
             samples={k: np.asarray(v, np.float64) for k, v in d["samples"].items()},
             weights=dict(d["weights"]),
@@ -165,6 +264,10 @@ class Calibration:
             map_quantile=float(d.get("map_quantile", 0.999)),
             map_threshold=float(d.get("map_threshold", float("inf"))),
             selection=dict(d.get("selection", {})),
+            stats=stats,
+            stats_source=str(d.get("stats_source", "")),
+            parts=dict(d.get("parts", {})),
+            warnings=list(d.get("warnings", [])),
         )
 
     @classmethod
@@ -177,8 +280,18 @@ class Calibration:
         map_quantile: float = 0.999,
         selection: dict[str, Any] | None = None,
         seed: int = 0,
+        *,
+        stats: Mapping[str, tuple[float, float]] | None = None,
+        stats_source: str = "selection part",
+        parts: dict[str, Any] | None = None,
+        warnings: list[dict[str, Any]] | None = None,
     ) -> Calibration:
-        """Calibration from the components (and anomaly maps) of held-out normal images."""
+        """Calibration from the components (and anomaly maps) of the calibration part.
+
+        ``stats``: per-component (mean, std) from the selection part (see
+        :func:`component_stats`); ``None`` derives them from ``components`` themselves (then
+        the score depends on the calibration images and the guarantee is only approximate).
+        """
         n = len(np.asarray(components["pixel"]))
         idx = np.arange(n)
         if n > MAX_STORED_SAMPLES:
@@ -191,4 +304,8 @@ class Calibration:
             map_quantile=map_quantile,
             map_threshold=map_thr,
             selection=selection or {},
+            stats=dict(stats) if stats is not None else {},
+            stats_source=stats_source if stats is not None else "",
+            parts=parts or {},
+            warnings=list(warnings or []),
         )

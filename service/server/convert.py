@@ -19,7 +19,13 @@ from PIL import Image, UnidentifiedImageError
 
 from protos.vaegan.v1 import outlier_service_pb2 as pb
 from service.runtime import COMPONENTS, InvalidInput, ResourceExhausted, Runtime, ScoreResult
-from service.runtime.preprocess import ImageSpec, decode_image, to_model_size
+from service.runtime.preprocess import (
+    ImageSpec,
+    Prepared,
+    decode_image,
+    match_channels,
+    to_model_size,
+)
 from service.server.codec import array_to_png, array_to_tensor, tensor_to_array
 from service.server.config import ServiceConfig
 
@@ -33,6 +39,7 @@ __all__ = [
     "inpaint_response",
     "model_batch",
     "model_info",
+    "model_inputs",
     "name_image",
     "raw_model_batch",
     "score_options",
@@ -53,6 +60,7 @@ class ScoreOptions:
     """A validated ``vaegan.v1.ScoreOptions``."""
 
     anomaly_map: bool = False
+    map_at_input: bool = False  # anomaly maps at each input's size instead of the model's
     reconstruction: bool = False
     repaired: bool = False
     image_format: int = pb.IMAGE_FORMAT_PNG
@@ -93,6 +101,7 @@ def score_options(opts: pb.ScoreOptions) -> ScoreOptions:
         raise InvalidInput(f"options.threshold must be finite, got {threshold}")
     return ScoreOptions(
         anomaly_map=opts.return_anomaly_map,
+        map_at_input=opts.anomaly_map_input_size,
         reconstruction=opts.return_reconstruction,
         repaired=opts.return_repaired,
         image_format=_format(opts.image_format, "options.image_format"),
@@ -170,13 +179,25 @@ def decode_masks(
     return out
 
 
-def model_batch(originals: list[np.ndarray], spec: ImageSpec) -> np.ndarray:
-    """Decoded images -> uint8 (N, H, W, C) at model size, as Runtime.preprocess before
-    :func:`~service.runtime.preprocess.normalize` (which the batcher applies per merged batch)."""
+def model_inputs(originals: list[np.ndarray], spec: ImageSpec, ids: Sequence[str] = ()) -> Prepared:
+    """Decoded images -> the uint8 batch (N, H, W, C) at model size, as Runtime.preprocess
+    before :func:`~service.runtime.preprocess.normalize` (which the batcher applies per merged
+    batch), with each input's size and channel conversion (logged once per direction)."""
     batch = np.empty((len(originals), spec.height, spec.width, spec.channels), np.uint8)  # (N, H, W, C)
+    sizes = np.empty((len(originals), 2), np.int64)
+    conversions = []
     for i, arr in enumerate(originals):
-        batch[i] = to_model_size(arr, spec)
-    return batch
+        sizes[i] = arr.shape[:2]
+        where = name_image(i, ids[i] if i < len(ids) else "")
+        matched, kind = match_channels(arr, spec.channels, where)
+        batch[i] = to_model_size(matched, spec)
+        conversions.append(kind)
+    return Prepared(batch, sizes, conversions)
+
+
+def model_batch(originals: list[np.ndarray], spec: ImageSpec) -> np.ndarray:
+    """Decoded images -> uint8 (N, H, W, C) at model size (:func:`model_inputs`' batch)."""
+    return model_inputs(originals, spec).batch
 
 
 def raw_model_batch(images: Sequence[pb.Image], spec: ImageSpec, limits: Limits) -> np.ndarray | None:
@@ -217,6 +238,17 @@ def _anomaly_map(amap: np.ndarray, fmt: int, scale: float) -> pb.Image:
     return pb.Image(encoded=array_to_png(u8))
 
 
+def _region(box: np.ndarray) -> pb.Region:
+    """(top, left, height, width) -> Region."""
+    top, left, height, width = (int(v) for v in box)
+    return pb.Region(top=top, left=left, height=height, width=width)
+
+
+def _anomaly_map_of(res: ScoreResult, i: int, opts: ScoreOptions) -> np.ndarray:
+    """Image i's map, float32 at model size or (``map_at_input``) at its input's size."""
+    return res.map_at_input(i) if opts.map_at_input else res.anomaly_map[i]
+
+
 def _mask(mask: np.ndarray, fmt: int) -> pb.Image:
     m = mask.astype(np.uint8)  # (H, W) 1 = filled
     return _picture(m if fmt == pb.IMAGE_FORMAT_RAW else m * 255, fmt)
@@ -229,7 +261,8 @@ def score_response(
     spec: ImageSpec,
     repaired: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
 ) -> pb.ScoreResponse:
-    """A ScoreResult (and repairs) -> ScoreResponse, with the pictures the options ask for."""
+    """A ScoreResult (and repairs) -> ScoreResponse, with the pictures the options ask for and
+    where each input landed (region, input size, channel conversion)."""
     fmt, scale = opts.image_format, full_scale(spec)
     results = []
     for i, image_id in enumerate(ids):
@@ -240,9 +273,13 @@ def score_response(
             tail_probability=float(res.tail_probability[i]),
             threshold=float(res.threshold),
             components=pb.Components(**{k: float(res.components[k][i]) for k in COMPONENTS}),
+            region=_region(res.regions[i]),
+            input_height=int(res.input_sizes[i][0]),
+            input_width=int(res.input_sizes[i][1]),
+            conversion=res.conversions[i],
         )
         if opts.anomaly_map:
-            r.anomaly_map.CopyFrom(_anomaly_map(res.anomaly_map[i], fmt, scale))
+            r.anomaly_map.CopyFrom(_anomaly_map(_anomaly_map_of(res, i, opts), fmt, scale))
         if opts.reconstruction and res.reconstruction is not None:
             r.reconstruction.CopyFrom(_picture(res.reconstruction[i], fmt))
         if repaired is not None:

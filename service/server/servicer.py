@@ -24,6 +24,7 @@ import numpy as np
 from protos.vaegan.v1 import outlier_service_pb2 as pb
 from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 from service.runtime import InvalidInput, ModelNotReady, Runtime, ServiceError
+from service.runtime.preprocess import Prepared
 from service.server import convert
 from service.server.batcher import DynamicBatcher
 from service.server.config import ServiceConfig
@@ -103,12 +104,14 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             if opts.repaired and model.runtime.bundle.calibration is None:
                 raise InvalidInput("options.return_repaired needs a calibrated model")
             convert.check_count(len(request.images), self.limits)
-            originals, images = await self._inputs(request, model.runtime, opts)
-            scored = await model.batcher.infer(images)
+            originals, prepared = await self._inputs(request, model.runtime, opts)
+            scored = await model.batcher.infer(prepared.batch)
             if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_MAX:
-                response = self._respond(request, model.runtime, scored, originals, opts)  # cheap
+                response = self._respond(request, model.runtime, scored, originals, prepared, opts)  # cheap
             else:
-                response = await self._in_pool(self._respond, request, model.runtime, scored, originals, opts)
+                response = await self._in_pool(
+                    self._respond, request, model.runtime, scored, originals, prepared, opts
+                )
         except ServiceError as e:
             if seq is None:
                 raise
@@ -118,8 +121,9 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
 
     async def _inputs(
         self, request: pb.ScoreRequest, rt: Runtime, opts: convert.ScoreOptions
-    ) -> tuple[list[np.ndarray], np.ndarray]:
-        """(decoded originals if repairs need them, uint8 (N, H, W, C) batch at model size).
+    ) -> tuple[list[np.ndarray], Prepared]:
+        """(decoded originals if repairs need them, the uint8 (N, H, W, C) batch at model size
+        with each input's size and channel conversion).
 
         Raw uint8 tensors at model size are read as they are: for small requests on the event
         loop (no thread hop), else on the worker pool, where anything else is decoded."""
@@ -127,19 +131,19 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         if try_raw and len(request.images) <= INLINE_MAX:
             x = convert.raw_model_batch(request.images, rt.spec, self.limits)
             if x is not None:
-                return [], x
+                return [], Prepared.at_model_size(x)
             try_raw = False  # tried: not raw at model size
         return await self._in_pool(self._decode, request, rt, try_raw)
 
     def _decode(
         self, request: pb.ScoreRequest, rt: Runtime, try_raw: bool
-    ) -> tuple[list[np.ndarray], np.ndarray]:
+    ) -> tuple[list[np.ndarray], Prepared]:
         if try_raw:
             x = convert.raw_model_batch(request.images, rt.spec, self.limits)
             if x is not None:
-                return [], x
+                return [], Prepared.at_model_size(x)
         originals = convert.decode_images(request.images, self.limits)
-        return originals, convert.model_batch(originals, rt.spec)
+        return originals, convert.model_inputs(originals, rt.spec, [img.id for img in request.images])
 
     def _respond(
         self,
@@ -147,11 +151,13 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         rt: Runtime,
         scored: ScoredBatch,
         originals: list[np.ndarray],
+        prepared: Prepared,
         opts: convert.ScoreOptions,
     ) -> pb.ScoreResponse:
         res = scored.result
         if res is None or not opts.default_scoring:
             res = rt.score_forward(scored.fwd, opts.weights, opts.threshold, opts.reconstruction)
+        res = res.with_inputs(rt.spec, prepared.sizes, prepared.conversions)
         repaired = rt.repair(originals) if opts.repaired else None
         self.metrics.outliers.inc(int(np.count_nonzero(res.is_outlier)))
         for s in res.score:

@@ -19,6 +19,7 @@ from vaegan.cli import main
 # The tiny fixture trains 3 epochs on 768 images: it must already separate defects clearly.
 AUROC_FLOOR = 0.7
 PIXEL_AUROC_FLOOR = 0.85
+AU_PRO_FLOOR = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,24 @@ def test_tiny_bundle_separates_defects(synthetic_eval) -> None:
     assert set(r["component_auroc"]) == {"pixel", "feature", "disc"}
     # the calibrated threshold keeps false positives near the 1% target on unseen normals
     assert r["fpr_at_threshold"] <= 0.06
+
+
+def test_report_localisation_intervals_and_types(synthetic_eval) -> None:
+    from service.runtime.stats import auroc
+
+    _, test, ev = synthetic_eval
+    r = ev.report
+    # MVTec's convention: the pixels of every test image, defect-free ones included
+    assert r["pixel_auroc"] == pytest.approx(auroc(ev.maps.ravel(), test.masks.ravel()), abs=1e-12)
+    assert r["au_pro_max_fpr"] == 0.3
+    assert AU_PRO_FLOOR < r["au_pro"] <= 1.0, r
+    for key in ("image_auroc", "pixel_auroc", "au_pro"):
+        lo, hi = r[f"{key}_ci"]
+        assert lo < r[key] < hi and hi - lo < 0.2, (key, lo, hi)
+    assert r["bootstrap"] == {"resamples": 1000, "seed": 0, "confidence": 0.95, "unit": "image"}
+    assert r["image_auroc_by_type"] == {"defect": pytest.approx(r["image_auroc"])}
+    assert r["n_by_type"] == {"normal": 150, "defect": 150}
+    json.dumps(r, allow_nan=False)  # every new value is a number, a list or None
 
 
 def test_scores_are_deterministic_and_match_torch(synthetic_eval, tiny_run) -> None:
@@ -127,6 +146,36 @@ def test_evaluate_cli_folder_pair_with_masks(tiny_bundle: Path, tmp_path: Path) 
     assert report["pixel_auroc"] > PIXEL_AUROC_FLOOR
 
 
+def test_evaluate_cli_mvtec_layout_reports_each_defect_type(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    test = load_dataset("synthetic", None, "test", None, limit=60)
+    root = tmp_path / "mvtec"
+    counts = {"good": 0, "blob": 0, "scratch": 0}
+    for i, (img, lab, m) in enumerate(zip(test.images, test.labels, test.masks, strict=True)):
+        kind = "good" if lab == 0 else ("blob", "scratch")[i // 2 % 2]
+        name = f"{counts[kind]:03d}.png"
+        counts[kind] += 1
+        for folder in [f"test/{kind}", *(["train/good"] if kind == "good" and i < 8 else [])]:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / folder / name)
+        if kind != "good":
+            (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / "ground_truth" / kind / f"{name[:3]}_mask.png")
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--model", str(tiny_bundle), "--dataset", "mvtec", "--data-root", str(root),
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_by_type"] == counts == {"good": 30, "blob": 15, "scratch": 15}
+    assert report["n_normal"] == 30 and report["n_anomalous"] == 30
+    assert set(report["image_auroc_by_type"]) == {"blob", "scratch"}
+    assert all(0.5 < v <= 1.0 for v in report["image_auroc_by_type"].values()), report
+    assert report["au_pro"] > AU_PRO_FLOOR and report["pixel_auroc"] > PIXEL_AUROC_FLOOR
+    printed = capsys.readouterr().out
+    assert "AU-PRO (FPR <= 0.3)" in printed and "image AUROC by type: blob" in printed
+
+
 def test_calibrate_changes_threshold_version_and_checksums(tiny_bundle: Path, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -144,7 +193,8 @@ def test_calibrate_changes_threshold_version_and_checksums(tiny_bundle: Path, tm
     after = load_bundle(out)  # verifies every sha256
     assert after.calibration is not None and before.calibration is not None
     assert after.calibration.target_fpr == 0.05
-    assert after.calibration.n == 80
+    # half of the 80 choose the weights and the mean/std, the other half set the threshold
+    assert after.calibration.n == 40 and after.calibration.parts["selection"]["n"] == 40
     assert after.calibration.stats["pixel"] != before.calibration.stats["pixel"]
     assert int(after.version) == int(before.version) + 1
     files_after = json.loads((out / "manifest.json").read_text())["files"]

@@ -4,8 +4,8 @@ Every reader returns an :class:`ImageSet`. With an :class:`~service.runtime.prep
 each image goes through :func:`~service.runtime.preprocess.to_model_size`, the function the
 service applies to every request, so training never sees pixels the service would not.
 
-The readers live in their own modules (``idx``, ``cifar``, ``folder``, ``synthetic``) and are
-imported on first use; importing this package costs numpy and Pillow only.
+The readers live in their own modules (``idx``, ``cifar``, ``folder``, ``mvtec``,
+``synthetic``) and are imported on first use; importing this package costs numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.runtime.preprocess import ImageSpec, to_model_size
+from service.runtime.preprocess import ImageSpec, fit_to_spec, to_model_size
 
 __all__ = [
     "DATASETS",
@@ -37,8 +37,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "folder")
-SPLITS = ("train", "test")
+DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "folder", "mvtec")
+SPLITS = ("train", "validation", "test")
+# the datasets that ship a "validation" split (MVTec's validation/good); the others have none
+_WITH_VALIDATION = ("mvtec",)
 # (channels, image size) a dataset has natively; the default model size for it
 NATIVE = {
     "synthetic": (3, 32),
@@ -46,6 +48,7 @@ NATIVE = {
     "fashion-mnist": (1, 28),
     "cifar10": (3, 32),
     "folder": (3, 64),
+    "mvtec": (3, 256),
 }
 
 
@@ -61,6 +64,9 @@ class ImageSet:
     labels: np.ndarray  # int64 (N,); class id, or 0 normal / 1 anomalous
     masks: np.ndarray | None  # bool (N, H, W), True = defect; or None
     class_names: list[str]
+    # one stable id per image (file path relative to the data root, or "<split>:<index>");
+    # None: "<index>" ids are made. Splits and calibration parts are checked on these.
+    ids: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -73,6 +79,9 @@ class ImageSet:
             self.masks = np.asarray(self.masks, dtype=bool)
             if self.masks.shape != (n, h, w):
                 raise ValueError(f"masks must have shape {(n, h, w)}, got {self.masks.shape}")
+        self.ids = [str(i) for i in range(n)] if self.ids is None else [str(i) for i in self.ids]
+        if len(self.ids) != n:
+            raise ValueError(f"ids must have {n} entries, got {len(self.ids)}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -85,6 +94,7 @@ class ImageSet:
             labels=self.labels[idx],
             masks=None if self.masks is None else self.masks[idx],
             class_names=list(self.class_names),
+            ids=np.asarray(self.ids, dtype=object)[idx].tolist(),
         )
 
 
@@ -108,21 +118,13 @@ def images_to_spec(images: Sequence[np.ndarray] | np.ndarray, spec: ImageSpec) -
 
 
 def mask_to_spec(mask: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    """bool (h, w) -> bool (spec.height, spec.width), nearest neighbour, with the same
-    geometry (stretch or scale + centre crop) that :func:`to_model_size` gives the image."""
-    h, w = mask.shape
-    if (h, w) == (spec.height, spec.width):
+    """bool (h, w) -> bool (spec.height, spec.width), nearest neighbour, with exactly the
+    geometry (letterbox, stretch or centre crop) that :func:`to_model_size` gives the image
+    (:func:`~service.runtime.preprocess.fit_to_spec`); letterbox padding is False."""
+    if mask.shape == (spec.height, spec.width):
         return mask.astype(bool, copy=True)
     im = Image.fromarray(mask.astype(np.uint8) * 255)
-    if spec.resize == "center_crop":
-        scale = max(spec.height / h, spec.width / w)
-        nh, nw = max(spec.height, round(h * scale)), max(spec.width, round(w * scale))
-        im = im.resize((nw, nh), Image.Resampling.NEAREST)
-        top, left = (nh - spec.height) // 2, (nw - spec.width) // 2
-        im = im.crop((left, top, left + spec.width, top + spec.height))
-    else:
-        im = im.resize((spec.width, spec.height), Image.Resampling.NEAREST)
-    return np.asarray(im) > 127
+    return np.asarray(fit_to_spec(im, spec, Image.Resampling.NEAREST)) > 127
 
 
 def interleave_by_rank(groups: Sequence[Sequence[object]]) -> list[tuple[int, int]]:
@@ -148,9 +150,9 @@ def load_dataset(
     Args:
         name: one of :data:`DATASETS`.
         root: where the files are (ignored for ``synthetic``).
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"test"``, or ``"validation"`` (``mvtec`` only).
         spec: the model's image spec; ``None`` keeps the native size and channels
-            (``folder`` then uses :data:`NATIVE`'s default, 64x64 RGB).
+            (``folder`` and ``mvtec`` then use :data:`NATIVE`'s default, 64x64 and 256x256 RGB).
         seed: seeds the ``synthetic`` generator; the other datasets ignore it.
         limit: keep at most this many images, the first ones in the dataset's order.
 
@@ -161,6 +163,11 @@ def load_dataset(
         raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if split == "validation" and name not in _WITH_VALIDATION:
+        raise DatasetError(
+            f"{name} has no validation split (only {', '.join(_WITH_VALIDATION)} has one); use train or "
+            "test (training holds out its own calibration images from train, see --val-fraction)"
+        )
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of images, got {limit}")
     start = time.perf_counter()
@@ -182,6 +189,10 @@ def load_dataset(
             from trainer.data.cifar import load_cifar10
 
             data = load_cifar10(root, split, spec, limit=limit)
+        elif name == "mvtec":
+            from trainer.data.mvtec import load_mvtec
+
+            data = load_mvtec(root, split, spec if spec is not None else native_spec("mvtec"), limit=limit)
         else:
             from trainer.data.folder import load_folder
 

@@ -11,16 +11,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from service.runtime.errors import InvalidInput
-from service.runtime.preprocess import ImageSpec, decode_image, to_model_size
+from service.runtime.preprocess import ImageSpec, decode_image, is_grey_image, to_model_size
 from trainer.data import DatasetError, ImageSet, interleave_by_rank, mask_to_spec
 
-__all__ = ["IMG_EXTENSIONS", "decode_bytes", "list_images", "load_folder", "load_pair", "read_image", "read_images"]
+__all__ = [
+    "IMG_EXTENSIONS",
+    "PROBE_FILES",
+    "PROBE_SIZES",
+    "decode_bytes",
+    "folder_defaults",
+    "list_images",
+    "load_folder",
+    "load_pair",
+    "read_image",
+    "read_images",
+]
 
 # the same list as torchvision.datasets.folder.IMG_EXTENSIONS, without importing torch for it
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+PROBE_FILES = 64  # how many image headers folder_defaults reads
+PROBE_SIZES = (28, 256)  # the model sides folder_defaults may choose (ModelConfig's range)
 
 
 def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
@@ -91,12 +104,7 @@ def load_folder(root: Path, split: str, spec: ImageSpec, *, limit: int | None = 
     the whole folder serves both. Nested folders are read in class-interleaved order
     (first file of each class, then the second, ...) so that ``limit`` keeps classes balanced.
     """
-    base = root
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        base = root / split
-        if not base.is_dir():
-            raise DatasetError(f"{base}: no such folder; {root} has train/test sub-folders, so expected {split}/")
-    names, groups = _class_folders(base)
+    names, groups = _class_folders(_split_base(root, split))
     order = interleave_by_rank(groups)[:limit]
     paths = [groups[g][r] for g, r in order]
     return ImageSet(
@@ -105,6 +113,43 @@ def load_folder(root: Path, split: str, spec: ImageSpec, *, limit: int | None = 
         masks=None,
         class_names=names,
     )
+
+
+def _split_base(root: Path, split: str) -> Path:
+    """The folder holding ``split``: ``root/split`` when root has train/test sub-folders."""
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        base = root / split
+        if not base.is_dir():
+            raise DatasetError(f"{base}: no such folder; {root} has train/test sub-folders, so expected {split}/")
+        return base
+    return root
+
+
+def folder_defaults(root: Path, limit: int = PROBE_FILES) -> tuple[int, int] | None:
+    """(channels, side) for a model of a folder dataset, from the headers of up to ``limit``
+    images of its train split, in the order :func:`load_folder` reads them (no pixels are
+    decoded, except the palettes of palette images).
+
+    channels is 1 when every image decodes as grey (see
+    :func:`~service.runtime.preprocess.is_grey_image`), else 3; side is the largest height or
+    width seen, clamped to :data:`PROBE_SIZES`. None when no image could be read.
+    """
+    try:
+        _, groups = _class_folders(_split_base(root, "train"))
+    except (DatasetError, OSError):
+        return None
+    channels, side, seen = 1, 0, 0
+    for g, r in interleave_by_rank(groups)[:limit]:
+        try:
+            with Image.open(groups[g][r]) as im:
+                grey, side = is_grey_image(im), max(side, im.width, im.height)
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue  # load_folder names it when it reads the folder
+        seen += 1
+        channels = channels if grey else 3
+    if not seen:
+        return None
+    return channels, min(PROBE_SIZES[1], max(PROBE_SIZES[0], side))
 
 
 def _find_mask(masks: dict[tuple[Path, str], Path], rel: Path) -> Path | None:

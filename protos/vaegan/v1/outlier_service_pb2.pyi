@@ -56,20 +56,22 @@ class Components(_message.Message):
     def __init__(self, pixel: _Optional[float] = ..., feature: _Optional[float] = ..., disc: _Optional[float] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
-    __slots__ = ("return_anomaly_map", "return_reconstruction", "return_repaired", "image_format", "weights", "threshold")
+    __slots__ = ("return_anomaly_map", "return_reconstruction", "return_repaired", "image_format", "weights", "threshold", "anomaly_map_input_size")
     RETURN_ANOMALY_MAP_FIELD_NUMBER: _ClassVar[int]
     RETURN_RECONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     RETURN_REPAIRED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ANOMALY_MAP_INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     return_anomaly_map: bool
     return_reconstruction: bool
     return_repaired: bool
     image_format: ImageFormat
     weights: Components
     threshold: float
-    def __init__(self, return_anomaly_map: _Optional[bool] = ..., return_reconstruction: _Optional[bool] = ..., return_repaired: _Optional[bool] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., weights: _Optional[_Union[Components, _Mapping]] = ..., threshold: _Optional[float] = ...) -> None: ...
+    anomaly_map_input_size: bool
+    def __init__(self, return_anomaly_map: _Optional[bool] = ..., return_reconstruction: _Optional[bool] = ..., return_repaired: _Optional[bool] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., weights: _Optional[_Union[Components, _Mapping]] = ..., threshold: _Optional[float] = ..., anomaly_map_input_size: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("images", "options")
@@ -79,8 +81,20 @@ class ScoreRequest(_message.Message):
     options: ScoreOptions
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
 
+class Region(_message.Message):
+    __slots__ = ("top", "left", "height", "width")
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    top: int
+    left: int
+    height: int
+    width: int
+    def __init__(self, top: _Optional[int] = ..., left: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
 class ImageScore(_message.Message):
-    __slots__ = ("id", "score", "is_outlier", "tail_probability", "threshold", "components", "anomaly_map", "reconstruction", "repaired", "repair_mask")
+    __slots__ = ("id", "score", "is_outlier", "tail_probability", "threshold", "components", "anomaly_map", "reconstruction", "repaired", "repair_mask", "region", "input_height", "input_width", "conversion")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IS_OUTLIER_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +105,10 @@ class ImageScore(_message.Message):
     RECONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     REPAIRED_FIELD_NUMBER: _ClassVar[int]
     REPAIR_MASK_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     is_outlier: bool
@@ -101,7 +119,11 @@ class ImageScore(_message.Message):
     reconstruction: Image
     repaired: Image
     repair_mask: Image
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_outlier: _Optional[bool] = ..., tail_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., anomaly_map: _Optional[_Union[Image, _Mapping]] = ..., reconstruction: _Optional[_Union[Image, _Mapping]] = ..., repaired: _Optional[_Union[Image, _Mapping]] = ..., repair_mask: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+    region: Region
+    input_height: int
+    input_width: int
+    conversion: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_outlier: _Optional[bool] = ..., tail_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., anomaly_map: _Optional[_Union[Image, _Mapping]] = ..., reconstruction: _Optional[_Union[Image, _Mapping]] = ..., repaired: _Optional[_Union[Image, _Mapping]] = ..., repair_mask: _Optional[_Union[Image, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., conversion: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results",)
