@@ -8,6 +8,13 @@ plain VAE, with the BCE loss, and without the shape negatives.
 
     python benchmarks/one_class.py --dataset mnist --data-root ../shared/data/mnist --quick
     python benchmarks/one_class.py --dataset mnist --data-root ../shared/data/mnist --classes 0-9
+
+``--dataset mvtec`` (an MVTec AD category, default ../shared/data/mvtec3d_tire) trains on
+train/good once per ``--seeds`` entry and reports image AUROC (per defect type too), pixel AUROC
+and AU-PRO in each image's own frame, numpy baselines and published anchors; see
+benchmarks/mvtec_report.py.
+
+    python benchmarks/one_class.py --dataset mvtec --seeds 0,1
 """
 
 from __future__ import annotations
@@ -134,14 +141,34 @@ def print_table(rows: list[dict], dataset: str) -> None:
     print("published mean AUROC on the same protocol: " + ", ".join(f"{k} {v[col]:.1f}" for k, v in ANCHORS.items()))
 
 
+def run_mvtec(args: argparse.Namespace) -> int:
+    """``--dataset mvtec``: benchmarks/mvtec_report.py with this script's training options."""
+    from benchmarks.mvtec_report import run
+
+    if args.quick:
+        args.epochs, args.tag = 3, args.tag or "quick"
+    args.image_size = args.image_size or 256
+    args.seeds = args.seeds or str(args.seed)
+    args.variant_options = dict(VARIANTS[MAIN])
+    args.results = REPO / "benchmarks" / "results"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in ("trainer", "export", "service"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
-    p.add_argument("--data-root", type=Path, help="default: ../shared/data/<mnist|cifar10>")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10", "mvtec"])
+    p.add_argument("--data-root", type=Path, help="default: ../shared/data/<mnist|cifar10|mvtec3d_tire>")
     p.add_argument("--classes", default="0-9")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, help="default 5; 30 for mvtec")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-train", type=int, default=4000, help="cap on training images per class (0: all)")
+    p.add_argument("--max-train", type=int, help="cap on training images per class (0: all); default 4000, mvtec all")
+    p.add_argument("--image-size", type=int, help="model input size (mvtec: default 256, letterbox; others: native)")
+    p.add_argument("--seeds", help="mvtec: comma list of seeds, one run each plus their mean (default: --seed)")
+    p.add_argument("--tag", default="", help="mvtec: JSON name one_class_mvtec_<tag>.json and run-dir suffix")
+    p.add_argument("--n-boot", type=int, default=1000, help="mvtec: bootstrap resamples of the intervals")
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--base-width", type=int, default=32)
     p.add_argument("--no-spectral-norm", action="store_true", help="plain discriminator layers")
@@ -156,8 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/one_class_<dataset>[_quick].json)")
     args = p.parse_args(argv)
     args.train_overrides = parse_overrides(args.set)
+    mvtec = args.dataset == "mvtec"
+    if args.epochs is None:
+        args.epochs = 30 if mvtec else 5
+    if args.max_train is None:
+        args.max_train = 0 if mvtec else 4000
     if args.data_root is None:
-        args.data_root = REPO.parent / "shared" / "data" / ("cifar10" if args.dataset == "cifar10" else "mnist")
+        folder = {"cifar10": "cifar10", "mvtec": "mvtec3d_tire"}.get(args.dataset, "mnist")
+        args.data_root = REPO.parent / "shared" / "data" / folder
+    if mvtec:
+        return run_mvtec(args)
     if args.quick:
         args.classes, args.epochs, args.max_train = "0,1,2", 3, 1500
         args.ablation_classes = args.ablation_classes or ""

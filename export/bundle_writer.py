@@ -54,7 +54,7 @@ def build_manifest(
             "parity_tolerance": PARITY_TOLERANCE,
             "parity_max_abs_error": parity,
         },
-        "graphs": graph_signatures(spec, cfg.latent_dim, cfg.feature_dim),
+        "graphs": graph_signatures(spec, cfg.latent_dim, cfg.feature_dim, cfg.patch_head),
         "calibration": calibration.to_dict() if calibration is not None else None,
         "training": training,
     }

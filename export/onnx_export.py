@@ -41,6 +41,19 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     return m
 
 
+class _Outputs(nn.Module):
+    """A module whose forward returns its inner module's outputs without the ``None`` ones (a
+    discriminator without the per-pixel head), as the graph signature lists them."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.inner(x)
+        return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
+
+
 def _export_one(module: nn.Module, example: torch.Tensor, path: Path, sig: dict) -> None:
     inputs, outputs = list(sig["inputs"]), list(sig["outputs"])
     dynamic = {n: {0: "batch"} for n in inputs + outputs}
@@ -58,6 +71,13 @@ def _export_one(module: nn.Module, example: torch.Tensor, path: Path, sig: dict)
         )
     proto = onnx.load(str(path))
     proto.ir_version = min(proto.ir_version, IR_VERSION)
+    # state the fixed output dims the signature promises (the tracer leaves some symbolic, e.g.
+    # after Resize); the batch axis stays dynamic
+    for out in proto.graph.output:
+        for dim, want in zip(out.type.tensor_type.shape.dim, sig["outputs"][out.name], strict=True):
+            if want is not None:
+                dim.Clear()
+                dim.dim_value = int(want)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 
@@ -82,14 +102,14 @@ def export_graphs(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    sigs = graph_signatures(spec, cfg.latent_dim, cfg.feature_dim)
+    sigs = graph_signatures(spec, cfg.latent_dim, cfg.feature_dim, cfg.patch_head)
     g = torch.Generator().manual_seed(seed)
     img = lambda n: torch.rand(n, spec.channels, spec.height, spec.width, generator=g) * 2 - 1  # noqa: E731
     lat = lambda n: torch.randn(n, cfg.latent_dim, generator=g)  # noqa: E731
     nets = {"encoder": (model.encoder, img), "generator": (model.generator, lat), "discriminator": (model.discriminator, img)}
     errors: dict[str, float] = {}
     for name, (net, make) in nets.items():
-        plain = _plain_copy(net)
+        plain = _Outputs(_plain_copy(net)).eval()
         path = out_dir / GRAPHS[name]
         try:
             _export_one(plain, make(2), path, sigs[name])

@@ -22,6 +22,9 @@ class ModelConfig:
     latent_dim: int = 64  # size of z
     base_width: int = 32  # channels of the first conv stage; doubled per stage, capped at 8x
     spectral_norm: bool = True  # spectral normalization on every discriminator layer
+    # a per-pixel head on D (PatchGAN-style, at stride 8 then upsampled to the image): where an
+    # image looks fake, the evidence behind the ``disc_local`` score component and map
+    patch_head: bool = True
 
     def __post_init__(self) -> None:
         if self.num_channels not in (1, 3):
@@ -56,9 +59,15 @@ class ModelConfig:
         """Length of the discriminator's feature vector (its last conv block, flattened)."""
         return self.stage_widths()[-1] * self.bottom_size**2
 
+    @property
+    def patch_stage(self) -> int:
+        """Index of the D stage that feeds the patch head: stride 8, or the last stage."""
+        return min(2, self.num_stages - 1)
+
     def to_dict(self) -> dict[str, int | bool]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        """Read a saved config; one written before the patch head existed has none."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d}, **({} if "patch_head" in d else {"patch_head": False}))

@@ -1,23 +1,28 @@
-"""Discriminator: image -> (logit, features of an inner layer).
+"""Discriminator: image -> (logit, features of an inner layer, per-pixel logits).
 
 The features are Larsen et al.'s learned similarity metric (the reconstruction loss is taken in
-this layer) and f-AnoGAN's feature residual at scoring time.
+this layer) and f-AnoGAN's feature residual at scoring time. The per-pixel logits come from a
+small head on a stride-8 stage (PatchGAN-style): trained to call small local defects fake where
+they are, they localize evidence that one image-level logit averages away.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from models.config import ModelConfig
-from models.layers import pad_to_canvas
+from models.layers import crop_from_canvas, pad_to_canvas
 
 __all__ = ["Discriminator"]
 
 
 class Discriminator(nn.Module):
-    """Stride-2 conv stages with LeakyReLU (optionally spectral-normalized), then a linear logit."""
+    """Stride-2 conv stages with LeakyReLU (optionally spectral-normalized), then a linear logit;
+    with ``cfg.patch_head``, a 3x3 + 1x1 conv head on stage ``cfg.patch_stage`` whose logit map
+    is upsampled (bilinear) to the image."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -33,7 +38,23 @@ class Discriminator(nn.Module):
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
         self.head = sn(nn.Linear(cfg.feature_dim, 1))
+        self.patch_head: nn.Module | None = None
+        if cfg.patch_head:
+            ch = cfg.stage_widths()[cfg.patch_stage]
+            self.patch_head = nn.Sequential(sn(nn.Conv2d(ch, ch, 3, padding=1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(ch, 1, 1)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(pad_to_canvas(x, self.cfg.image_size, self.cfg.work_size)).flatten(1)  # (B, F)
-        return self.head(f), f  # (B, 1), (B, F)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logit (B, 1), features (B, F), per-pixel logits (B, 1, H, W) or None without a
+        patch head)."""
+        cfg = self.cfg
+        h = pad_to_canvas(x, cfg.image_size, cfg.work_size)  # (B, C, work, work)
+        tap = 2 * cfg.patch_stage + 1  # output of that stage's activation in self.features
+        patch = None
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i == tap and self.patch_head is not None:
+                p = self.patch_head(h)  # (B, 1, work / 2^(stage+1), ...)
+                p = F.interpolate(p, size=(cfg.work_size, cfg.work_size), mode="bilinear", align_corners=False)
+                patch = crop_from_canvas(p, cfg.image_size, cfg.work_size)  # (B, 1, H, W)
+        f = h.flatten(1)  # (B, F)
+        return self.head(f), f, patch

@@ -45,7 +45,7 @@ __all__ = ["ImageInput", "ImageScore", "ModelInfo", "OutlierClient", "OutlierCli
 logger = logging.getLogger(__name__)
 
 ImageInput = np.ndarray | Image.Image | str | Path | bytes
-COMPONENTS = ("pixel", "feature", "disc")
+COMPONENTS = ("pixel", "feature", "disc", "pixel_local", "disc_local")  # the last two: models that have them
 T = TypeVar("T")
 
 
@@ -158,7 +158,7 @@ def _result(r: pb.ImageScore) -> ImageScore:
         is_outlier=r.is_outlier,
         tail_probability=r.tail_probability,
         threshold=r.threshold,
-        components={k: getattr(r.components, k) for k in COMPONENTS},
+        components={k: getattr(r.components, k) for k in COMPONENTS if r.components.HasField(k)},
         anomaly_map=_picture(r.anomaly_map),
         reconstruction=_picture(r.reconstruction),
         repaired=_picture(r.repaired),
@@ -305,7 +305,7 @@ class OutlierClient:
             calibrated=m.calibration.calibrated,
             threshold=m.calibration.threshold,
             target_fpr=m.calibration.target_fpr,
-            weights={k: getattr(m.calibration.weights, k) for k in COMPONENTS},
+            weights={k: getattr(m.calibration.weights, k) for k in COMPONENTS if m.calibration.weights.HasField(k)},
             max_batch_size=m.batching.max_batch_size,
             max_delay_ms=m.batching.max_delay_ms,
             max_images_per_request=m.batching.max_images_per_request,

@@ -9,6 +9,7 @@ loudly and recorded under the manifest's ``calibration.warnings``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ import numpy as np
 from service.runtime import Calibration, Runtime
 from service.runtime.bundle import GRAPHS, load_bundle, write_manifest
 from service.runtime.preprocess import denormalize
-from service.runtime.scoring import COMPONENTS, anomaly_map, component_stats, raw_components
+from service.runtime.scoring import (
+    anomaly_map,
+    combined_map,
+    component_stats,
+    local_maps,
+    raw_components,
+)
 from trainer.guards import calibration_size_report, collapse_report, fired_warnings, log_warnings
 from trainer.selection import corrupt, select_weights
 
@@ -29,22 +36,30 @@ logger = logging.getLogger(__name__)
 
 def _forward_all(
     rt: Runtime, images: np.ndarray, batch: int = 256, reconstructions: bool = False
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    comps: dict[str, list[np.ndarray]] = {k: [] for k in COMPONENTS}
-    maps, recon = [], []
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
+    """(raw components, maps: the local maps and ``residual``, reconstructions if asked)."""
+    comps: dict[str, list[np.ndarray]] = {}
+    maps: dict[str, list[np.ndarray]] = {}
+    recon = []
     for i in range(0, len(images), batch):
         fwd = rt.forward_images(images[i : i + batch])
-        for k, v in raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit).items():
-            comps[k].append(v)
-        maps.append(anomaly_map(fwd.x, fwd.x_hat))
+        local = local_maps(fwd.x, fwd.x_hat, fwd.patch)
+        for k, v in raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit, fwd.patch, local).items():
+            comps.setdefault(k, []).append(v)
+        for k, v in {**local, "residual": anomaly_map(fwd.x, fwd.x_hat)}.items():
+            maps.setdefault(k, []).append(v)
         if reconstructions:
             recon.append(denormalize(fwd.x_hat, rt.spec))
-    out = {k: np.concatenate(v) for k, v in comps.items()}
-    return out, np.concatenate(maps), np.concatenate(recon) if reconstructions else None
+    return (
+        {k: np.concatenate(v) for k, v in comps.items()},
+        {k: np.concatenate(v) for k, v in maps.items()},
+        np.concatenate(recon) if reconstructions else None,
+    )
 
 
-def components_of(rt: Runtime, images: np.ndarray, batch: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Raw components and anomaly maps of uint8 (N, H, W, C) images at model size."""
+def components_of(rt: Runtime, images: np.ndarray, batch: int = 256) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Raw components and maps (local maps and ``residual``) of uint8 (N, H, W, C) images at
+    model size."""
     comps, maps, _ = _forward_all(rt, images, batch)
     return comps, maps
 
@@ -105,6 +120,7 @@ def calibrate_bundle(
             raise ValueError("fixed weights without a selection part need a calibrated bundle (its component mean/std)")
         stats = dict(bundle.calibration.stats)
         stats_source = f"kept from the previous calibration ({bundle.calibration.stats_source})"
+        comps = {k: v for k, v in comps.items() if k in stats}  # the components it was fitted with
         selection = {"method": "given", **(selection or {})}
     checks = {
         "collapse": collapse_report(recon, normal_images),
@@ -113,9 +129,13 @@ def calibrate_bundle(
     warnings = fired_warnings(checks.values())
     log_warnings(warnings, f"calibrating {bundle.path}", logger)
     cal = Calibration.fit(
-        comps, weights, target_fpr=target_fpr, maps=maps, selection=selection, seed=seed,
+        comps, weights, target_fpr=target_fpr, selection=selection, seed=seed,
         stats=stats, stats_source=stats_source, parts=parts, warnings=warnings,
     )
+    # the repair threshold: a high quantile of the calibration images' served anomaly maps,
+    # which depend on the weights and stats just fixed
+    served = combined_map(maps, maps["residual"], cal)
+    cal = dataclasses.replace(cal, map_threshold=float(np.quantile(served, cal.map_quantile)))
     manifest = dict(bundle.manifest)
     manifest["calibration"] = cal.to_dict()
     if record_in_training:

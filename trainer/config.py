@@ -8,7 +8,7 @@ from typing import Any
 __all__ = ["NEGATIVE_KINDS", "TrainConfig"]
 
 # shape negatives for D (trainer.step.shape_negatives): real images made wrong in shape
-NEGATIVE_KINDS = ("erase", "paste", "swap", "rot")
+NEGATIVE_KINDS = ("erase", "paste", "swap", "rot", "local")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class TrainConfig:
     adv_loss: str = "lsgan"  # lsgan | bce | none (plain VAE); lsgan: see README, MNIST benchmark
     d_lr_scale: float = 1.0  # D's learning rate = lr * d_lr_scale (a slower D saturates later)
     d_noise: float = 0.0  # std of Gaussian instance noise on D's inputs in its own update
-    d_negatives: str = "erase"  # comma list of NEGATIVE_KINDS: altered real images D must call fake; "" = none
+    d_negatives: str = "erase,local"  # comma list of NEGATIVE_KINDS: altered real images D must call fake; "" = none
+    patch_weight: float = 1.0  # D's per-pixel (patch head) loss relative to its image-level loss
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
     # held-out normals, never trained on: share of the train split (plus the dataset's own
@@ -57,8 +58,8 @@ class TrainConfig:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
         if self.select_checkpoint not in ("best", "last"):
             raise ValueError(f"select_checkpoint must be best or last, got {self.select_checkpoint!r}")
-        if self.d_lr_scale <= 0 or self.d_noise < 0:
-            raise ValueError("d_lr_scale must be > 0 and d_noise >= 0")
+        if self.d_lr_scale <= 0 or self.d_noise < 0 or self.patch_weight < 0:
+            raise ValueError("d_lr_scale must be > 0, d_noise >= 0 and patch_weight >= 0")
         unknown = set(self.negative_kinds) - set(NEGATIVE_KINDS)
         if unknown:
             raise ValueError(f"d_negatives: unknown kind(s) {sorted(unknown)}; known: {', '.join(NEGATIVE_KINDS)}")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
 from service.runtime.preprocess import ImageSpec, normalize
+from service.runtime.scoring import raw_components
 from trainer.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
@@ -83,26 +84,33 @@ def _build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tu
         kl=KLDivergence(cfg.kl_weight / n_elem),
         recon=ReconstructionLoss(cfg.feature_weight, cfg.pixel_weight),
         adv=AdversarialLoss(cfg.adv_loss, cfg.adv_weight),
+        patch_weight=cfg.patch_weight,
     )
     return model, opt, losses
 
 
 @torch.no_grad()
 def components_torch(model: VAEGAN, x_all: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
-    """The three raw score components (DESIGN.md section 4) in torch, eval mode."""
+    """The raw score components of normalized images, eval mode: the networks run in torch,
+    the components come from the serving code (:func:`service.runtime.scoring.raw_components`),
+    so selection during training scores exactly as the bundle will."""
     was_training = model.training
     model.eval()
-    out: dict[str, list[torch.Tensor]] = {"pixel": [], "feature": [], "disc": []}
-    for i in range(0, len(x_all), 256):
-        x = x_all[i : i + 256].to(device)
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(x_all), 128):
+        x = x_all[i : i + 128].to(device)
         x_hat = model.reconstruct(x)
-        logit, f = model.discriminator(x)
-        _, f_hat = model.discriminator(x_hat)
-        out["pixel"].append(((x - x_hat) ** 2).flatten(1).mean(1).cpu())
-        out["feature"].append(((f - f_hat) ** 2).mean(1).cpu())
-        out["disc"].append(torch.nn.functional.softplus(-logit.flatten()).cpu())
+        logit, f, patch = model.discriminator(x)
+        _, f_hat, _ = model.discriminator(x_hat)
+        comps = raw_components(
+            x.float().cpu().numpy(), x_hat.float().cpu().numpy(), f.float().cpu().numpy(),
+            f_hat.float().cpu().numpy(), logit.float().cpu().numpy(),
+            None if patch is None else patch.float().cpu().numpy(),
+        )
+        for k, v in comps.items():
+            parts.setdefault(k, []).append(v)
     model.train(was_training)
-    return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime.scoring import COMPONENTS
+from service.runtime.scoring import ALL_COMPONENTS
 from service.runtime.stats import auroc
 from trainer.data import ImageSet
 
@@ -29,7 +29,7 @@ __all__ = [
     "split_held_out",
 ]
 
-CORRUPTIONS = ("paste", "scratch", "noise", "flip_half", "rotate", "cutout")
+CORRUPTIONS = ("paste", "scratch", "noise", "flip_half", "rotate", "cutout", "speck")
 DROP_MARGIN = 0.01  # separation AUROC gain needed to drop a component from equal weights
 
 
@@ -107,9 +107,15 @@ def corrupt(images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         elif name == "rotate":  # the whole image turned by 90 or 180 degrees
             k90 = int(rng.integers(1, 4))
             img[:] = np.rot90(img, k90) if h == w else img[::-1, ::-1]
-        else:  # cutout: a flat patch of the image's own mean
+        elif name == "cutout":  # a flat patch of the image's own mean
             t, lf, bh, bw = _box(rng, h, w)
             img[t : t + bh, lf : lf + bw] = img.reshape(-1, c).mean(0).astype(np.uint8)
+        else:  # speck: a small disc (radius 1.5-5% of the side) of a random colour, as small
+            # real defects on large photos are
+            r = max(1.0, rng.uniform(0.015, 0.05) * max(h, w))
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            yy, xx = np.ogrid[:h, :w]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.integers(0, 256, c)
     return out, kinds
 
 
@@ -121,10 +127,19 @@ def separation(
 ) -> float:
     """AUROC of normal vs corrupted under ``weights`` applied to standardized components."""
     def score(c: Mapping[str, np.ndarray]) -> np.ndarray:
-        return sum(weights[k] * (np.asarray(c[k]) - stats[k][0]) / stats[k][1] for k in COMPONENTS)
+        total = np.zeros(len(next(iter(c.values()))), np.float64)
+        for k, w in weights.items():
+            if w:
+                total += w * (np.asarray(c[k], np.float64) - stats[k][0]) / stats[k][1]
+        return total
 
     s_n, s_c = score(normal), score(corrupted)
     return auroc(np.r_[s_n, s_c], np.r_[np.zeros(len(s_n)), np.ones(len(s_c))])
+
+
+def _names(components: Mapping[str, np.ndarray]) -> list[str]:
+    """The known components present, in their canonical order."""
+    return [k for k in ALL_COMPONENTS if k in components]
 
 
 def select_weights(
@@ -144,12 +159,13 @@ def select_weights(
     than the anomalies (on MNIST digit 2 it chose pixel + 0.5 disc: 0.908 where equal weights
     give 0.933). Returns (weights, a report of the evidence).
     """
-    stats = {k: (float(np.mean(normal[k])), max(float(np.std(normal[k])), 1e-12)) for k in COMPONENTS}
+    names = _names(normal)
+    stats = {k: (float(np.mean(normal[k])), max(float(np.std(normal[k])), 1e-12)) for k in names}
 
     def sep(active: set[str]) -> float:
-        return separation(normal, corrupted, {k: float(k in active) for k in COMPONENTS}, stats)
+        return separation(normal, corrupted, {k: float(k in active) for k in names}, stats)
 
-    active = set(COMPONENTS)
+    active = set(names)
     steps = []
     current = sep(active)
     while len(active) > 1:
@@ -160,15 +176,15 @@ def select_weights(
         steps.append({"dropped": drop, "auroc_before": current, "auroc_after": candidates[drop]})
         active.discard(drop)
         current = candidates[drop]
-    weights = {k: float(k in active) for k in COMPONENTS}
+    weights = {k: float(k in active) for k in names}
     report = {
         "method": f"backward elimination from equal weights, margin {margin} "
         f"(normal vs corrupted: {'/'.join(CORRUPTIONS)})",
         "n_normal": int(len(normal["pixel"])),
         "n_corrupted": int(len(corrupted["pixel"])),
         "selection_auroc": current,
-        "equal_weights_auroc": sep(set(COMPONENTS)),
-        "component_auroc": {k: sep({k}) for k in COMPONENTS},
+        "equal_weights_auroc": sep(set(names)),
+        "component_auroc": {k: sep({k}) for k in names},
         "dropped": steps,
     }
     return weights, report

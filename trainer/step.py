@@ -15,7 +15,7 @@ from torch import nn
 from models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss, reparameterize
 from trainer.config import NEGATIVE_KINDS
 
-__all__ = ["Losses", "Optimizers", "random_masks", "shape_negatives", "train_step"]
+__all__ = ["Losses", "Optimizers", "patch_loss", "random_masks", "shape_negatives", "train_step"]
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Losses:
     kl: KLDivergence
     recon: ReconstructionLoss
     adv: AdversarialLoss
+    patch_weight: float = 1.0  # D's per-pixel loss, relative to its image-level adversarial loss
 
 
 @dataclass
@@ -60,7 +61,49 @@ def _box(h: int, w: int, generator: torch.Generator | None) -> tuple[int, int, i
     return t, lf, bh, bw
 
 
-def shape_negatives(x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+def _local_defect(img: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One small defect drawn into ``img`` (C, H, W, normalized) in place; returns its bool mask
+    (H, W). Size: a radius of 1-5% of the side. Placed on image content (a pixel at least as
+    bright as the median), one of: a blob of another grey level (hole, stain), a thin line
+    (cut, scratch), a patch copied from elsewhere in the image, a darkened spot."""
+    c, h, w = img.shape
+    side = min(h, w)
+    u = lambda lo, hi: float(torch.empty(1).uniform_(lo, hi, generator=generator))  # noqa: E731
+    grey = img.mean(0)  # (H, W)
+    cand = (grey >= grey.median()).nonzero()
+    cy, cx = cand[int(torch.randint(0, len(cand), (1,), generator=generator))].tolist()
+    r = max(1.0, u(0.01, 0.05) * side)
+    yy = torch.arange(h, dtype=torch.float32)[:, None] - cy  # (H, 1)
+    xx = torch.arange(w, dtype=torch.float32)[None, :] - cx  # (1, W)
+    kind = int(torch.randint(0, 4, (1,), generator=generator))
+    if kind == 0:  # blob of another grey level
+        mask = (yy / r) ** 2 + (xx / (r * u(0.4, 1.6))) ** 2 <= 1.0
+        level = u(-1.0, 1.0)
+        img[:, mask] = 0.7 * level + 0.3 * img[:, mask]
+    elif kind == 1:  # thin line
+        angle = u(0.0, 3.1416)
+        across = (yy * torch.cos(torch.tensor(angle)) - xx * torch.sin(torch.tensor(angle))).abs()
+        along = (yy * torch.sin(torch.tensor(angle)) + xx * torch.cos(torch.tensor(angle))).abs()
+        mask = (across <= max(0.5, u(0.005, 0.012) * side)) & (along <= 2 * r)
+        img[:, mask] = img[:, mask] * 0.2 + (u(-1.0, 1.0) if u(0, 1) < 0.3 else -0.8)
+    elif kind == 2:  # a patch of the image from elsewhere
+        s = max(2, int(2 * r))
+        s = min(s, h - 1, w - 1)
+        sy, sx = int(torch.randint(0, h - s + 1, (1,), generator=generator)), int(torch.randint(0, w - s + 1, (1,), generator=generator))
+        ty, tx = min(max(cy - s // 2, 0), h - s), min(max(cx - s // 2, 0), w - s)
+        patch = img[:, sy : sy + s, sx : sx + s].clone()
+        img[:, ty : ty + s, tx : tx + s] = patch
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        mask[ty : ty + s, tx : tx + s] = True
+    else:  # darkened spot
+        mask = (yy / r) ** 2 + (xx / r) ** 2 <= 1.0
+        img[:, mask] = (img[:, mask] + 1.0) * u(0.2, 0.6) - 1.0
+    return mask
+
+
+def shape_negatives(
+    x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Real images made wrong in shape but not in texture, one of ``kinds`` per image: negative
     data augmentation (Sinha et al. 2021) that D must call fake. x: normalized (B, C, H, W).
 
@@ -68,9 +111,15 @@ def shape_negatives(x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Ge
     (strokes go missing: an 8 becomes a 3). ``paste``: a box of the next image of the batch laid
     over another place, keeping the brighter pixel (strokes are added). ``swap``: the image
     rolled by half its height or width. ``rot``: turned by 90 or 270 degrees (square images).
+    ``local``: one small defect (1-5% of the side: a blob, a thin line, a copied patch or a dark
+    spot) on the image's content, as real defects on photographed parts are.
+
+    Returns (altered images, float masks (B, 1, H, W): 1 where the image was altered), so D's
+    per-pixel head learns *where* an image is wrong.
     """
     b, _, h, w = x.shape
     out = x.clone()
+    masks = torch.zeros(b, 1, h, w)
     pick = torch.randint(0, len(kinds), (b,), generator=generator)
     coin = torch.rand(b, generator=generator)
     for i in range(b):
@@ -78,19 +127,42 @@ def shape_negatives(x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Ge
         if kind == "erase":
             t, lf, bh, bw = _box(h, w, generator)
             out[i, :, t : t + bh, lf : lf + bw] = x[i].flatten(1).median(dim=1).values[:, None, None]
+            masks[i, :, t : t + bh, lf : lf + bw] = 1.0
         elif kind == "paste":
             t, lf, bh, bw = _box(h, w, generator)
             st = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
             sl = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
             region = out[i, :, t : t + bh, lf : lf + bw]
             out[i, :, t : t + bh, lf : lf + bw] = torch.maximum(region, x[(i + 1) % b, :, st : st + bh, sl : sl + bw])
+            masks[i, :, t : t + bh, lf : lf + bw] = 1.0
         elif kind == "swap":
             out[i] = torch.roll(x[i], h // 2, dims=1) if coin[i] < 0.5 else torch.roll(x[i], w // 2, dims=2)
+            masks[i] = 1.0
         elif kind == "rot":
             out[i] = torch.rot90(x[i], 1 if coin[i] < 0.5 else 3, dims=(1, 2))
+            masks[i] = 1.0
+        elif kind == "local":
+            masks[i, 0] = _local_defect(out[i], generator).float()
         else:
             raise ValueError(f"unknown negative kind {kind!r} (known: {', '.join(NEGATIVE_KINDS)})")
-    return out
+    return out.to(x.device), masks.to(x.device, x.dtype)
+
+
+def patch_loss(real: torch.Tensor | None, fakes: list[torch.Tensor], negatives: torch.Tensor | None, neg_masks: torch.Tensor | None) -> torch.Tensor:
+    """BCE of D's per-pixel logits (B, 1, H, W): real images real everywhere, reconstructions and
+    prior samples fake everywhere, shape negatives fake inside their masks and real outside.
+    The masked and unmasked pixels of the negatives weigh half each (masks are small)."""
+    if real is None:
+        return torch.zeros(())
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    terms = [bce(real, torch.ones_like(real))]
+    terms += [bce(f, torch.zeros_like(f)) for f in fakes]
+    if negatives is not None and neg_masks is not None:
+        per_pixel = bce(negatives, 1.0 - neg_masks, reduction="none")
+        inside = (per_pixel * neg_masks).sum() / neg_masks.sum().clamp_min(1.0)
+        outside = (per_pixel * (1 - neg_masks)).sum() / (1 - neg_masks).sum().clamp_min(1.0)
+        terms.append(0.5 * (inside + outside))
+    return sum(terms) / len(terms)
 
 
 def _zero_grad(*modules: nn.Module) -> None:
@@ -130,21 +202,28 @@ def train_step(
         x_prior = G(torch.randn_like(mu))
         # D has no batch statistics, so one call on the three batches equals three calls
         parts = [x, x_rec.detach(), x_prior.detach()]
+        neg_masks = None
         if d_negatives:
-            parts.append(shape_negatives(x, d_negatives))
+            negatives, neg_masks = shape_negatives(x, d_negatives)
+            parts.append(negatives)
         d_in = torch.cat(parts)  # (3B or 4B, C, H, W)
         if d_noise > 0:
             d_in = d_in + d_noise * torch.randn_like(d_in)
-        logits, _ = D(d_in)  # (3B or 4B, 1)
+        logits, _, patches = D(d_in)  # (3B or 4B, 1), _, (3B or 4B, 1, H, W) or None
         logit_real, *logit_fakes = logits.chunk(len(parts))
         loss_d = losses.adv.discriminator_loss(logit_real, *logit_fakes)
+        loss_patch = torch.zeros((), device=x.device)
+        if patches is not None and losses.adv.kind != "none":
+            p_real, p_rec, p_prior, *p_neg = patches.float().chunk(len(parts))
+            loss_patch = patch_loss(p_real, [p_rec, p_prior], p_neg[0] if p_neg else None, neg_masks)
+            loss_d = loss_d + losses.adv.weight * losses.patch_weight * loss_patch
     _zero_grad(D)
     loss_d.float().backward()
     opt.discriminator.step()
 
     # ---- encoder and generator -----------------------------------------------------------
     with amp:
-        logits, feats = D(torch.cat([x, x_rec, x_prior]))  # (3B, 1), (3B, F)
+        logits, feats, _ = D(torch.cat([x, x_rec, x_prior]))  # (3B, 1), (3B, F)
         _, logit_rec, logit_prior = logits.chunk(3)
         feat_real, feat_rec, _ = feats.chunk(3)
         kl = losses.kl(mu.float(), logvar.float())
@@ -165,4 +244,5 @@ def train_step(
         "recon_pixel": rec_pixel.item(),
         "adv_g": adv_g.item(),
         "adv_d": loss_d.item(),
+        "patch_d": loss_patch.item(),
     }

@@ -62,9 +62,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--adv-loss", default="lsgan", choices=["lsgan", "bce", "none"])
     g.add_argument("--d-lr-scale", type=float, default=1.0, help="D's learning rate = --lr times this")
     g.add_argument("--d-noise", type=float, default=0.0, help="std of instance noise on D's inputs in its update")
-    g.add_argument("--d-negatives", default="erase",
-                   help="comma list of erase,paste,swap,rot: real images altered in shape that D must "
-                        "call fake (negative data augmentation; makes the disc score informative); "
+    g.add_argument("--patch-weight", type=float, default=1.0,
+                   help="weight of D's per-pixel (patch head) loss, relative to its image-level loss")
+    g.add_argument("--d-negatives", default="erase,local",
+                   help="comma list of erase,paste,swap,rot,local: real images altered in shape that D "
+                        "must call fake (negative data augmentation; makes the disc score informative; "
+                        "local: small defects, where D's per-pixel head learns to localize); "
                         "'' for none; default %(default)s")
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="> 0: select, calibrate and export a moving average of the weights (e.g. 0.999)")
@@ -93,6 +96,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, default=64)
     g.add_argument("--base-width", type=int, default=32)
     g.add_argument("--no-spectral-norm", action="store_true", help="plain discriminator layers")
+    g.add_argument("--no-patch-head", action="store_true",
+                   help="no per-pixel head on D (no disc_local component; the model of earlier versions)")
 
 
 def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three configs
@@ -108,7 +113,7 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
             normal_class=a.normal_class, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
             kl_weight=a.kl_weight, feature_weight=a.feature_weight, pixel_weight=a.pixel_weight,
             adv_weight=a.adv_weight, adv_loss=a.adv_loss, d_lr_scale=a.d_lr_scale, d_noise=a.d_noise,
-            d_negatives=a.d_negatives, ema_decay=a.ema_decay,
+            d_negatives=a.d_negatives, patch_weight=a.patch_weight, ema_decay=a.ema_decay,
             mask_prob=a.mask_prob,
             val_fraction=a.val_fraction, selection_fraction=a.selection_fraction,
             max_train=a.max_train, target_fpr=a.target_fpr,
@@ -117,7 +122,7 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
         spec = image_spec_for(a.dataset, a.image_size, a.channels, a.data_root)
         model_cfg = ModelConfig(
             num_channels=spec.channels, image_size=spec.height, latent_dim=a.latent_dim,
-            base_width=a.base_width, spectral_norm=not a.no_spectral_norm,
+            base_width=a.base_width, spectral_norm=not a.no_spectral_norm, patch_head=not a.no_patch_head,
         )
     except ValueError as e:
         raise CliError(str(e)) from e

@@ -40,19 +40,23 @@ GRAPHS = {
 }
 
 
-def graph_signatures(spec: ImageSpec, latent_dim: int, feature_dim: int) -> dict[str, Any]:
-    """Names and shapes of each graph's inputs and outputs; None is the dynamic batch axis."""
+def graph_signatures(spec: ImageSpec, latent_dim: int, feature_dim: int, patch_head: bool = False) -> dict[str, Any]:
+    """Names and shapes of each graph's inputs and outputs; None is the dynamic batch axis.
+
+    ``patch_head``: the discriminator also outputs per-pixel logits ``patch`` (N, 1, H, W)
+    (bundles from this version on; older ones have only ``logit`` and ``features``).
+    """
     img = [None, spec.channels, spec.height, spec.width]
+    d_out: dict[str, Any] = {"logit": [None, 1], "features": [None, feature_dim]}
+    if patch_head:
+        d_out["patch"] = [None, 1, spec.height, spec.width]
     return {
         "encoder": {
             "inputs": {"x": img},
             "outputs": {"mu": [None, latent_dim], "logvar": [None, latent_dim]},
         },
         "generator": {"inputs": {"z": [None, latent_dim]}, "outputs": {"x_hat": img}},
-        "discriminator": {
-            "inputs": {"x": img},
-            "outputs": {"logit": [None, 1], "features": [None, feature_dim]},
-        },
+        "discriminator": {"inputs": {"x": img}, "outputs": d_out},
     }
 
 
@@ -120,6 +124,15 @@ class Bundle:
     @property
     def version(self) -> str:
         return str(self.manifest.get("version", "1"))
+
+    @property
+    def patch_head(self) -> bool:
+        """Whether the discriminator has the per-pixel head (output ``patch``)."""
+        return bool((self.manifest.get("model_config") or {}).get("patch_head", False))
+
+    def signatures(self) -> dict[str, Any]:
+        """:func:`graph_signatures` of this bundle."""
+        return graph_signatures(self.spec, self.latent_dim, self.feature_dim, self.patch_head)
 
     def graph_path(self, graph: str) -> Path:
         return self.path / GRAPHS[graph]

@@ -3,6 +3,7 @@
     images[N,H,W,C] uint8 -> x = transpose((images / 255 - mean) / std)[N,C,H,W]
     x -> encoder -> mu -> generator -> x_hat[N,C,H,W]
     concat(x, x_hat)[2N,C,H,W] -> discriminator -> logit[2N,1], features[2N,F]
+                                                    (and patch[2N,1,H,W] when D has a patch head)
 
 Scoring then takes one ONNX Runtime call per batch instead of three, as a Triton ensemble
 would, but inside one session: no copies between graphs, and ONNX Runtime sees (and optimizes)
@@ -29,7 +30,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 __all__ = ["PIPELINE_SIGNATURE", "compose_pipeline"]
 
 # inputs/outputs of the composed graph; D's outputs have 2N rows: x first, then x_hat
-PIPELINE_SIGNATURE = {"inputs": ("images",), "outputs": ("x", "x_hat", "logit", "features")}
+PIPELINE_SIGNATURE = {"inputs": ("images",), "outputs": ("x", "x_hat", "logit", "features", "patch")}
 
 
 def _load(path: Path, prefix: str) -> onnx.ModelProto:
@@ -78,10 +79,11 @@ def compose_pipeline(
         "generator": ([i.name for i in g.graph.input], [o.name for o in g.graph.output]),
         "discriminator": ([i.name for i in d.graph.input], [o.name for o in d.graph.output]),
     }
+    patch = names["discriminator"][1] == ["d/logit", "d/features", "d/patch"]
     expected = {
         "encoder": (["e/x"], ["e/mu", "e/logvar"]),
         "generator": (["g/z"], ["g/x_hat"]),
-        "discriminator": (["d/x"], ["d/logit", "d/features"]),
+        "discriminator": (["d/x"], ["d/logit", "d/features", *(["d/patch"] if patch else [])]),
     }
     if names != expected:
         raise ValueError(f"unexpected graph inputs/outputs: {names}")
@@ -99,6 +101,7 @@ def compose_pipeline(
         _renamed(g.graph.output[0], "x_hat"),
         _renamed(d.graph.output[0], "logit"),
         _renamed(d.graph.output[1], "features"),
+        *([_renamed(d.graph.output[2], "patch")] if patch else []),
     ]
     nodes = [
         *pre_nodes,
@@ -111,6 +114,7 @@ def compose_pipeline(
         helper.make_node("Identity", ["g/x_hat"], ["x_hat"], name="pipeline/x_hat"),
         helper.make_node("Identity", ["d/logit"], ["logit"], name="pipeline/logit"),
         helper.make_node("Identity", ["d/features"], ["features"], name="pipeline/features"),
+        *([helper.make_node("Identity", ["d/patch"], ["patch"], name="pipeline/patch")] if patch else []),
     ]
     graph = helper.make_graph(
         nodes,

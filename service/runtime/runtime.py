@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from service.runtime.bundle import GRAPHS, Bundle, graph_signatures, load_bundle
+from service.runtime.bundle import GRAPHS, Bundle, load_bundle
 from service.runtime.compose import compose_pipeline
 from service.runtime.errors import InvalidInput, ModelNotReady
 from service.runtime.inpaint import (
@@ -47,7 +47,7 @@ from service.runtime.preprocess import (
     to_channels,
     to_model_size,
 )
-from service.runtime.scoring import anomaly_map, raw_components
+from service.runtime.scoring import anomaly_map, combined_map, local_maps, raw_components
 from service.runtime.session import Graph, resolve_providers
 
 __all__ = ["Forward", "Runtime", "ScoreResult"]
@@ -64,9 +64,13 @@ class Forward:
     logit: np.ndarray  # (N, 1) discriminator logit of x
     feat_x: np.ndarray  # (N, F) discriminator features of x
     feat_xhat: np.ndarray  # (N, F) discriminator features of x_hat
+    patch: np.ndarray | None = None  # (N, 1, H, W) D's per-pixel logits of x; None: no patch head
 
     def __getitem__(self, s: slice) -> Forward:
-        return Forward(self.x[s], self.x_hat[s], self.logit[s], self.feat_x[s], self.feat_xhat[s])
+        return Forward(
+            self.x[s], self.x_hat[s], self.logit[s], self.feat_x[s], self.feat_xhat[s],
+            None if self.patch is None else self.patch[s],
+        )
 
     @classmethod
     def concat(cls, parts: Sequence[Forward]) -> Forward:
@@ -74,7 +78,10 @@ class Forward:
         if len(parts) == 1:
             return parts[0]
         names = [f.name for f in dataclasses.fields(cls)]
-        return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
+        return cls(*(
+            None if getattr(parts[0], n) is None else np.concatenate([getattr(p, n) for p in parts])
+            for n in names
+        ))
 
 
 def _no_rows(width: int) -> np.ndarray:
@@ -93,8 +100,9 @@ class ScoreResult:
     is_outlier: np.ndarray  # (N,) bool, score > threshold
     tail_probability: np.ndarray  # (N,) share of calibration scores >= score
     threshold: float
-    components: dict[str, np.ndarray]  # "pixel" | "feature" | "disc" -> (N,)
-    anomaly_map: np.ndarray  # (N, H, W) float32 at model resolution
+    # "pixel" | "feature" | "disc" | "pixel_local" | "disc_local" (with a patch head) -> (N,)
+    components: dict[str, np.ndarray]
+    anomaly_map: np.ndarray  # (N, H, W) float32 at model resolution (scoring.combined_map)
     reconstruction: np.ndarray | None = field(default=None)  # (N, H, W, C) uint8 when asked
     # (N, 4) int64: the part of each input the model scored, (top, left, height, width) in
     # input pixels (preprocess.input_region): the whole input unless the policy is center_crop
@@ -157,7 +165,7 @@ class Runtime:
         self.max_batch_size = max_batch_size
         self.inpaint_iterations = inpaint_iterations
         chosen = resolve_providers(providers)
-        sigs = graph_signatures(bundle.spec, bundle.latent_dim, bundle.feature_dim)
+        sigs = bundle.signatures()
         self.graphs = {
             g: Graph(bundle.graph_path(g), sigs[g], chosen, intra_op_threads, spin) for g in GRAPHS
         }
@@ -231,8 +239,8 @@ class Runtime:
         if self.pipeline is None:
             return self.forward(normalize(images, self.spec), timings)
         n = images.shape[0]
-        x, x_hat, logit, feats = self._run("pipeline", self.pipeline, timings, images=images)
-        return Forward(x, x_hat, logit[:n], feats[:n], feats[n:])
+        x, x_hat, logit, feats, *patch = self._run("pipeline", self.pipeline, timings, images=images)
+        return Forward(x, x_hat, logit[:n], feats[:n], feats[n:], patch[0][:n] if patch else None)
 
     def forward(self, x: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
         """Run E, G and D, one call each, on a normalized batch (N, C, H, W); D sees x and
@@ -241,8 +249,8 @@ class Runtime:
         mu, _ = self._run("encoder", self.graphs["encoder"], timings, x=x)
         (x_hat,) = self._run("generator", self.graphs["generator"], timings, z=mu)
         d_in = np.concatenate([x, x_hat])  # (2N, C, H, W)
-        logit, feats = self._run("discriminator", self.graphs["discriminator"], timings, x=d_in)
-        return Forward(x, x_hat, logit[:n], feats[:n], feats[n:])
+        logit, feats, *patch = self._run("discriminator", self.graphs["discriminator"], timings, x=d_in)
+        return Forward(x, x_hat, logit[:n], feats[:n], feats[n:], patch[0][:n] if patch else None)
 
     @staticmethod
     def _run(name: str, graph: Graph, timings: dict[str, float] | None, **feeds: np.ndarray) -> list[Any]:
@@ -273,10 +281,12 @@ class Runtime:
         threshold: float | None = None,
         with_reconstruction: bool = False,
     ) -> ScoreResult:
-        """Components, calibrated score and anomaly map from a :class:`Forward`."""
-        comps = raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit)
-        amap = anomaly_map(fwd.x, fwd.x_hat)
+        """Components, calibrated score and anomaly map (:func:`~service.runtime.scoring.combined_map`)
+        from a :class:`Forward`."""
+        local = local_maps(fwd.x, fwd.x_hat, fwd.patch)
+        comps = raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit, fwd.patch, local)
         cal = self.bundle.calibration
+        amap = combined_map(local, anomaly_map(fwd.x, fwd.x_hat), cal, weights)
         if cal is None:  # uncalibrated bundle: the raw pixel error, no decision
             if weights:
                 raise InvalidInput("component weights need a calibrated bundle")

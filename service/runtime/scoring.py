@@ -4,6 +4,13 @@ Components, for normalized inputs x and reconstructions x_hat = G(mu(x)):
   pixel   = mean((x - x_hat)^2)
   feature = mean((f_D(x) - f_D(x_hat))^2)
   disc    = softplus(-logit_D(x))
+and the localized ones (a small defect barely moves a mean over the whole image, but it is the
+top of a map):
+  pixel_local = max of the Gaussian-smoothed residual map |x - x_hat| (channel mean)
+  disc_local  = max of the smoothed map softplus(-patch_logit_D(x)) from D's per-pixel head
+                (bundles whose discriminator has one)
+The anomaly map is the weighted sum of the standardized local maps of the components in use
+(:func:`combined_map`), or the plain residual map when none is.
 Held-out normal images come in two parts. The *selection* part gives each component a
 mean/std (and chooses the weights); the outlier score is ``sum_k w_k (s_k - mean_k) / std_k``.
 The *calibration* part, used for nothing else, sets the threshold (a conformal order
@@ -23,9 +30,15 @@ import numpy as np
 from service.runtime.errors import InvalidInput
 
 __all__ = [
+    "ALL_COMPONENTS",
     "COMPONENTS",
+    "LOCAL_COMPONENTS",
     "Calibration",
     "anomaly_map",
+    "combined_map",
+    "gaussian_blur",
+    "local_maps",
+    "smoothing_sigma",
     "component_stats",
     "conformal_rank",
     "raw_components",
@@ -34,7 +47,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("pixel", "feature", "disc")
+COMPONENTS = ("pixel", "feature", "disc")  # in every calibration and every response
+LOCAL_COMPONENTS = ("pixel_local", "disc_local")  # maxima of smoothed maps
+ALL_COMPONENTS = COMPONENTS + LOCAL_COMPONENTS
 MAX_STORED_SAMPLES = 4096  # calibration samples kept in the manifest (uniform subsample beyond)
 
 
@@ -44,19 +59,69 @@ def softplus(v: np.ndarray) -> np.ndarray:
     return np.maximum(v, 0.0) + np.log1p(np.exp(-np.abs(v)))
 
 
+def smoothing_sigma(height: int, width: int) -> float:
+    """Gaussian sigma (pixels) of the local maps: 1/64 of the longer side, at least 1."""
+    return max(1.0, max(height, width) / 64.0)
+
+
+def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of float maps (..., H, W), reflect padding: float32."""
+    r = max(1, int(3.0 * sigma + 0.5))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2).astype(np.float32)
+    k /= k.sum()
+    m = np.asarray(maps, np.float32)
+    h, w = m.shape[-2:]
+    lead = [(0, 0)] * (m.ndim - 2)
+    p = np.pad(m, [*lead, (min(r, h - 1), min(r, h - 1)), (0, 0)], mode="reflect") if h > 1 else m
+    ry = (p.shape[-2] - h) // 2
+    out = np.zeros_like(m)
+    for i, kv in enumerate(k):
+        j = i - r + ry
+        if 0 <= j <= p.shape[-2] - h:
+            out += kv * p[..., j : j + h, :]
+    out /= sum(kv for i, kv in enumerate(k) if 0 <= i - r + ry <= p.shape[-2] - h)
+    p = np.pad(out, [*lead, (0, 0), (min(r, w - 1), min(r, w - 1))], mode="reflect") if w > 1 else out
+    rx = (p.shape[-1] - w) // 2
+    res = np.zeros_like(m)
+    for i, kv in enumerate(k):
+        j = i - r + rx
+        if 0 <= j <= p.shape[-1] - w:
+            res += kv * p[..., :, j : j + w]
+    res /= sum(kv for i, kv in enumerate(k) if 0 <= i - r + rx <= p.shape[-1] - w)
+    return res
+
+
+def local_maps(x: np.ndarray, x_hat: np.ndarray, patch: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The smoothed maps behind the local components, float32 (N, H, W) each: ``pixel_local``
+    from |x - x_hat| (channel mean), ``disc_local`` from softplus(-patch logits) when D has a
+    per-pixel head (``patch`` (N, 1, H, W))."""
+    sigma = smoothing_sigma(*x.shape[2:])
+    out = {"pixel_local": gaussian_blur(anomaly_map(x, x_hat), sigma)}
+    if patch is not None:
+        out["disc_local"] = gaussian_blur(softplus(-patch[:, 0]).astype(np.float32), sigma)
+    return out
+
+
 def raw_components(
     x: np.ndarray,
     x_hat: np.ndarray,
     feat_x: np.ndarray,
     feat_xhat: np.ndarray,
     logit_x: np.ndarray,
+    patch_x: np.ndarray | None = None,
+    maps: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-image components, each float64 (N,). x, x_hat: (N, C, H, W); feats: (N, F)."""
+    """Per-image components, each float64 (N,). x, x_hat: (N, C, H, W); feats: (N, F); patch_x:
+    D's per-pixel logits (N, 1, H, W) or None; ``maps``: :func:`local_maps`, if already made."""
     n = x.shape[0]
     pixel = np.mean((x.reshape(n, -1).astype(np.float64) - x_hat.reshape(n, -1)) ** 2, axis=1)
     feature = np.mean((feat_x.astype(np.float64) - feat_xhat) ** 2, axis=1)
     disc = softplus(-logit_x.reshape(n))
-    return {"pixel": pixel, "feature": feature, "disc": disc}
+    out = {"pixel": pixel, "feature": feature, "disc": disc}
+    maps = local_maps(x, x_hat, patch_x) if maps is None else maps
+    for k, m in maps.items():
+        out[k] = m.reshape(n, -1).max(axis=1).astype(np.float64)
+    return out
 
 
 def anomaly_map(x: np.ndarray, x_hat: np.ndarray) -> np.ndarray:
@@ -64,11 +129,34 @@ def anomaly_map(x: np.ndarray, x_hat: np.ndarray) -> np.ndarray:
     return np.abs(x - x_hat).mean(axis=1).astype(np.float32)
 
 
+def combined_map(
+    maps: Mapping[str, np.ndarray],
+    residual: np.ndarray,
+    calibration: Calibration | None,
+    weights: Mapping[str, float] | None = None,
+) -> np.ndarray:
+    """The anomaly map a response carries, float32 (N, H, W): the weighted sum of the local maps
+    (:func:`local_maps`) in use, each standardized with its component's (mean, std), so a map's
+    maximum is its component's z-score; ``residual`` (|x - x_hat|, :func:`anomaly_map`) when no
+    local component has weight, or the bundle is uncalibrated or older than local components."""
+    if calibration is not None:
+        w = calibration.effective_weights(weights)
+        active = [k for k in LOCAL_COMPONENTS if w.get(k, 0.0) != 0.0 and k in maps]
+        if active:
+            total = np.zeros(maps[active[0]].shape, np.float32)
+            for k in active:
+                mean, std = calibration.stats[k]
+                total += np.float32(w[k]) * (maps[k] - np.float32(mean)) / np.float32(std)
+            return total
+    return residual
+
+
 def component_stats(components: Mapping[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Per-component (mean, std) of raw components, std floored at 1e-12 (a constant component)."""
     return {
         k: (float(np.mean(components[k])), max(float(np.std(components[k])), 1e-12))
-        for k in COMPONENTS
+        for k in ALL_COMPONENTS
+        if k in components
     }
 
 
@@ -125,21 +213,29 @@ class Calibration:
         missing = [k for k in COMPONENTS if k not in self.samples or k not in self.weights]
         if missing:
             raise ValueError(f"calibration lacks components {missing}")
+        unknown = sorted(set(self.samples) - set(ALL_COMPONENTS))
+        if unknown:
+            raise ValueError(f"calibration has unknown components {unknown}; known: {ALL_COMPONENTS}")
+        # the bundle's own set: the three base components, plus the local ones it was fitted with
+        self.components: tuple[str, ...] = tuple(k for k in ALL_COMPONENTS if k in self.samples)
+        if set(self.weights) - set(self.components):
+            raise ValueError(f"calibration weights {sorted(self.weights)} for components {self.components}")
+        comps = self.components
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
-        self.samples = {k: np.asarray(self.samples[k], np.float64).reshape(-1) for k in COMPONENTS}
-        self.weights = {k: float(self.weights[k]) for k in COMPONENTS}
+        self.samples = {k: np.asarray(self.samples[k], np.float64).reshape(-1) for k in comps}
+        self.weights = {k: float(self.weights.get(k, 0.0)) for k in comps}
         n = {len(v) for v in self.samples.values()}
         if len(n) != 1 or n.pop() < 2:
             raise ValueError("calibration needs the same number (>= 2) of samples per component")
-        for k in COMPONENTS:
+        for k in comps:
             _check_finite("samples", k, self.samples[k])
             _check_finite("weight", k, self.weights[k])
         if self.stats:
-            lacking = [k for k in COMPONENTS if k not in self.stats]
+            lacking = [k for k in comps if k not in self.stats]
             if lacking:
                 raise ValueError(f"calibration stats lack components {lacking}")
-            self.stats = {k: (float(self.stats[k][0]), float(self.stats[k][1])) for k in COMPONENTS}
+            self.stats = {k: (float(self.stats[k][0]), float(self.stats[k][1])) for k in comps}
             self.stats_source = self.stats_source or "given"
         else:
             self.stats = component_stats(self.samples)
@@ -172,12 +268,16 @@ class Calibration:
         """Fewest calibration images for which the conformal threshold exists: ceil(1/a - 1)."""
         return math.ceil(1.0 / self.target_fpr - 1.0 - 1e-9)
 
+    def effective_weights(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The bundle's weights with per-request overrides applied (validated)."""
+        return self._weights(weights)
+
     def _weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
         w = dict(self.weights)
         if weights:
-            unknown = set(weights) - set(COMPONENTS)
+            unknown = set(weights) - set(self.components)
             if unknown:
-                raise InvalidInput(f"unknown score components {sorted(unknown)}; known: {COMPONENTS}")
+                raise InvalidInput(f"unknown score components {sorted(unknown)}; this model has: {', '.join(self.components)}")
             bad = sorted(k for k, v in weights.items() if not math.isfinite(float(v)))
             if bad:
                 raise InvalidInput(f"score weights must be finite; got {bad[0]}={weights[bad[0]]}")
@@ -191,7 +291,7 @@ class Calibration:
         w = self._weights(weights)
         stats = self.stats
         total = np.zeros_like(np.asarray(components["pixel"], np.float64))
-        for k in COMPONENTS:
+        for k in self.components:
             if w[k] != 0.0:
                 mean, std = stats[k]
                 total += w[k] * (np.asarray(components[k], np.float64) - mean) / std
@@ -200,7 +300,7 @@ class Calibration:
     def _reference(self, weights: Mapping[str, float] | None) -> tuple[np.ndarray, float]:
         """(sorted calibration scores, threshold) under ``weights``, computed once per weighting."""
         w = self._weights(weights)
-        key = tuple(w[k] for k in COMPONENTS)
+        key = tuple(w[k] for k in self.components)
         if key not in self._cache:
             if len(self._cache) > 64:  # per-request weights: keep the memo bounded
                 self._cache.clear()
@@ -233,7 +333,7 @@ class Calibration:
             "n": self.n,
             "target_fpr": self.target_fpr,
             "weights": dict(self.weights),
-            "components": {k: {"mean": stats[k][0], "std": stats[k][1]} for k in COMPONENTS},
+            "components": {k: {"mean": stats[k][0], "std": stats[k][1]} for k in self.components},
             "stats_source": self.stats_source,
             "threshold": self.threshold(),
             "threshold_rule": {
@@ -298,7 +398,7 @@ class Calibration:
             idx = np.sort(np.random.default_rng(seed).choice(n, MAX_STORED_SAMPLES, replace=False))
         map_thr = float(np.quantile(maps, map_quantile)) if maps is not None else float("inf")
         return cls(
-            samples={k: np.asarray(components[k], np.float64)[idx] for k in COMPONENTS},
+            samples={k: np.asarray(components[k], np.float64)[idx] for k in ALL_COMPONENTS if k in components},
             weights=dict(weights),
             target_fpr=target_fpr,
             map_quantile=map_quantile,

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from protos.vaegan.v1 import outlier_service_pb2 as pb
-from service.runtime import COMPONENTS, InvalidInput, ResourceExhausted, Runtime, ScoreResult
+from service.runtime import InvalidInput, ResourceExhausted, Runtime, ScoreResult
 from service.runtime.preprocess import (
     ImageSpec,
     Prepared,
@@ -26,6 +26,7 @@ from service.runtime.preprocess import (
     match_channels,
     to_model_size,
 )
+from service.runtime.scoring import ALL_COMPONENTS, LOCAL_COMPONENTS, Calibration
 from service.server.codec import array_to_png, array_to_tensor, tensor_to_array
 from service.server.config import ServiceConfig
 
@@ -92,7 +93,7 @@ def _format(fmt: int, where: str) -> int:
 
 def score_options(opts: pb.ScoreOptions) -> ScoreOptions:
     """Validate the options: finite weights and threshold, a known image format."""
-    weights = {k: getattr(opts.weights, k) for k in COMPONENTS if opts.weights.HasField(k)}
+    weights = {k: getattr(opts.weights, k) for k in ALL_COMPONENTS if opts.weights.HasField(k)}
     bad = [k for k, v in weights.items() if not math.isfinite(v)]
     if bad:
         raise InvalidInput(f"options.weights: {bad} must be finite")
@@ -220,8 +221,13 @@ def raw_model_batch(images: Sequence[pb.Image], spec: ImageSpec, limits: Limits)
     return np.frombuffer(b"".join(data), np.uint8).reshape(len(data), *shape)  # (N, H, W, C)
 
 
-def full_scale(spec: ImageSpec) -> float:
-    """The largest possible anomaly-map value, drawn as 255 in PNG maps: max(1 / std)."""
+def full_scale(spec: ImageSpec, calibration: Calibration | None = None) -> float:
+    """The anomaly-map value drawn as 255 in PNG maps: twice the calibrated map threshold when
+    the served map is in z units (:func:`~service.runtime.scoring.combined_map` with local
+    components), else the largest possible |x - x_hat|, max(1 / std)."""
+    if calibration is not None and any(calibration.weights.get(k, 0.0) for k in LOCAL_COMPONENTS):
+        if math.isfinite(calibration.map_threshold) and calibration.map_threshold > 0:
+            return 2.0 * calibration.map_threshold
     return float(max(1.0 / s for s in spec.std))
 
 
@@ -260,10 +266,11 @@ def score_response(
     opts: ScoreOptions,
     spec: ImageSpec,
     repaired: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+    calibration: Calibration | None = None,
 ) -> pb.ScoreResponse:
     """A ScoreResult (and repairs) -> ScoreResponse, with the pictures the options ask for and
     where each input landed (region, input size, channel conversion)."""
-    fmt, scale = opts.image_format, full_scale(spec)
+    fmt, scale = opts.image_format, full_scale(spec, calibration)
     results = []
     for i, image_id in enumerate(ids):
         r = pb.ImageScore(
@@ -272,7 +279,7 @@ def score_response(
             is_outlier=bool(res.is_outlier[i]),
             tail_probability=float(res.tail_probability[i]),
             threshold=float(res.threshold),
-            components=pb.Components(**{k: float(res.components[k][i]) for k in COMPONENTS}),
+            components=pb.Components(**{k: float(v[i]) for k, v in res.components.items()}),
             region=_region(res.regions[i]),
             input_height=int(res.input_sizes[i][0]),
             input_width=int(res.input_sizes[i][1]),
@@ -314,7 +321,7 @@ def model_info(rt: Runtime, config: ServiceConfig) -> pb.ModelInfo:
             max_image_pixels=config.max_image_pixels,
             max_message_bytes=config.max_message_bytes,
         ),
-        anomaly_map_full_scale=full_scale(spec),
+        anomaly_map_full_scale=full_scale(spec, b.calibration),
     )
     cal = b.calibration
     if cal is None:

@@ -163,7 +163,7 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         for s in res.score:
             self.metrics.scores.observe(float(s))
         ids = [img.id for img in request.images]
-        return convert.score_response(ids, res, opts, rt.spec, repaired)
+        return convert.score_response(ids, res, opts, rt.spec, repaired, rt.bundle.calibration)
 
     # ---- Inpaint ------------------------------------------------------------------------
     async def Inpaint(self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext) -> pb.InpaintResponse:

@@ -44,11 +44,15 @@ def test_runtime_reconstruction_matches_torch(tiny_run) -> None:
     x = normalize(imgs, rt.spec)
     with torch.no_grad():
         ref = model.reconstruct(torch.from_numpy(x)).numpy()
-        logit, feats = model.discriminator(torch.from_numpy(x))
+        logit, feats, patch = model.discriminator(torch.from_numpy(x))
     fwd = rt.forward(x)
     assert np.max(np.abs(fwd.x_hat - ref)) < 1e-4
     assert np.max(np.abs(fwd.logit - logit.numpy())) < 1e-4
     assert np.max(np.abs(fwd.feat_x - feats.numpy())) < 1e-4
+    assert fwd.patch is not None and np.max(np.abs(fwd.patch - patch.numpy())) < 1e-4
+    # the composed pipeline gives the same per-pixel logits as the three graphs
+    fused = rt.forward_images(imgs)
+    assert fused.patch is not None and np.max(np.abs(fused.patch - fwd.patch)) < 1e-4
     # every batch size works (dynamic batch axis)
     assert rt.forward(x[:1]).x_hat.shape == (1, 3, 32, 32)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,9 +20,13 @@ def test_shapes_and_dtypes(channels: int, size: int) -> None:
     x_hat = m.generator(mu)
     assert x_hat.shape == x.shape
     assert float(x_hat.detach().abs().max()) <= 1.0  # tanh range
-    logit, feats = m.discriminator(x)
+    logit, feats, patch = m.discriminator(x)
     assert logit.shape == (2, 1)
     assert feats.shape == (2, cfg.feature_dim)
+    assert patch is not None and patch.shape == (2, 1, size, size)  # per-pixel logits at image size
+    # a config saved before the patch head existed rebuilds a network without one
+    old = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "patch_head"})
+    assert old.patch_head is False and VAEGAN(old).discriminator(x)[2] is None
     assert cfg.work_size % 2**cfg.num_stages == 0 and cfg.bottom_size >= 2
 
 
@@ -72,7 +77,7 @@ def test_train_step_lowers_loss_on_fixed_batch(adv: str) -> None:
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(16, 1, 28, 28, generator=g) > 0.7).float() * 2 - 1
     first = train_step(m, x, opt, losses)
-    assert set(first) == {"kl", "recon_feature", "recon_pixel", "adv_g", "adv_d"}
+    assert set(first) == {"kl", "recon_feature", "recon_pixel", "adv_g", "adv_d", "patch_d"}
     for _ in range(30):
         last = train_step(m, x, opt, losses)
     assert last["recon_pixel"] < 0.7 * first["recon_pixel"]
@@ -121,28 +126,72 @@ def _digits(n: int) -> torch.Tensor:
 def test_shape_negatives_erase_paste_swap_rot() -> None:
     x = _digits(6)
     gen = torch.Generator().manual_seed(0)
-    erased = shape_negatives(x, ("erase",), gen)
+    erased, masks = shape_negatives(x, ("erase",), gen)
     changed = erased != x
+    assert bool((masks[:, 0][changed[:, 0]] == 1).all())  # every changed pixel is in its mask
     assert bool(changed.any())
     assert bool((erased[changed] == -1.0).all())  # filled with the background (the median)
     for i in range(6):  # one box of 7..14 rows and columns changed at most
         rows, cols = changed[i, 0].any(1).nonzero(), changed[i, 0].any(0).nonzero()
         if len(rows):
             assert int(rows.max() - rows.min()) < 14 and int(cols.max() - cols.min()) < 14
-    pasted = shape_negatives(x, ("paste",), gen)
+    pasted, _ = shape_negatives(x, ("paste",), gen)
     assert bool((pasted >= x).all()) and bool((pasted > x).any())  # strokes added, none cut
-    swapped = shape_negatives(x, ("swap",), gen)
+    swapped, _ = shape_negatives(x, ("swap",), gen)
     for i in range(6):
         assert torch.equal(swapped[i], torch.roll(x[i], 14, dims=1)) or torch.equal(swapped[i], torch.roll(x[i], 14, dims=2))
-    rotated = shape_negatives(x, ("rot",), gen)
+    rotated, _ = shape_negatives(x, ("rot",), gen)
     for i in range(6):
         assert any(torch.equal(rotated[i], torch.rot90(x[i], k, dims=(1, 2))) for k in (1, 3))
     # the same generator state gives the same negatives; the input is never modified
-    a = shape_negatives(x, ("erase", "paste"), torch.Generator().manual_seed(5))
-    b = shape_negatives(x, ("erase", "paste"), torch.Generator().manual_seed(5))
+    a, _ = shape_negatives(x, ("erase", "paste"), torch.Generator().manual_seed(5))
+    b, _ = shape_negatives(x, ("erase", "paste"), torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and torch.equal(x, _digits(6))
     with pytest.raises(ValueError, match="unknown negative kind 'blur'"):
         shape_negatives(x, ("blur",), gen)
+
+
+def test_local_negatives_are_small_and_masked() -> None:
+    """``local``: one small defect per image, every altered pixel inside its mask, the mask a
+    few percent of the image at most, and on the image's content."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 3, 64, 64, generator=g) * 2 - 1
+    out, masks = shape_negatives(x, ("local",), torch.Generator().manual_seed(2))
+    changed = (out != x).any(1)  # (B, H, W)
+    assert bool(changed.any())
+    assert bool((masks[:, 0][changed] == 1).all())
+    frac = masks.flatten(1).mean(1)
+    assert float(frac.max()) < 0.05 and int((frac > 0).sum()) >= 12
+
+
+def test_patch_loss_trains_d_to_find_local_defects() -> None:
+    """A few D updates with ``local`` negatives lower D's per-pixel loss, and its per-pixel
+    logits then rank the defect pixels of a new negative below (more fake than) the rest."""
+    from trainer.step import patch_loss
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_channels=1, image_size=32, latent_dim=8, base_width=8)
+    D = VAEGAN(cfg).discriminator
+    opt = torch.optim.Adam(D.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    base = torch.linspace(-1, 1, 32)[None, None, :, None].expand(1, 1, 32, 32)
+    losses = []
+    for _ in range(60):
+        x = (base + 0.05 * torch.randn(16, 1, 32, 32, generator=g)).clamp(-1, 1)
+        neg, m = shape_negatives(x, ("local",), g)
+        _, _, p = D(torch.cat([x, neg]))
+        loss = patch_loss(p[:16], [], p[16:], m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])
+    x = (base + 0.05 * torch.randn(8, 1, 32, 32, generator=g)).clamp(-1, 1)
+    neg, m = shape_negatives(x, ("local",), g)
+    with torch.no_grad():
+        _, _, p = D(neg)
+    inside, outside = p[m > 0], p[m == 0]
+    assert float(inside.mean()) < float(outside.mean())
 
 
 def test_shape_negatives_reach_only_the_discriminator_update() -> None:
@@ -163,7 +212,7 @@ def test_d_negatives_config() -> None:
     from trainer.config import TrainConfig
 
     assert TrainConfig(d_negatives="erase, paste").negative_kinds == ("erase", "paste")
-    assert TrainConfig().negative_kinds == ("erase",)  # the default: see README, one-class MNIST
+    assert TrainConfig().negative_kinds == ("erase", "local")  # the default: see README
     assert TrainConfig(d_negatives="").negative_kinds == ()
     with pytest.raises(ValueError, match=r"d_negatives: unknown kind\(s\) \['blur'\]"):
         TrainConfig(d_negatives="erase,blur")

@@ -52,7 +52,7 @@ def test_score_accepts_arrays_pil_paths_and_bytes(client, runtime: Runtime, batc
     ref = runtime.score([batch[0], batch[1], batch[2], batch[2], batch[4]])
     np.testing.assert_allclose([r.score for r in results], ref.score, rtol=1e-5, atol=1e-6)
     assert [r.is_outlier for r in results] == list(ref.is_outlier)
-    assert results[0].components.keys() == {"pixel", "feature", "disc"}
+    assert results[0].components.keys() == {"pixel", "feature", "disc", "pixel_local", "disc_local"}
 
 
 def test_score_with_pictures_and_overrides(client, runtime: Runtime, batch) -> None:

@@ -63,7 +63,7 @@ def test_pipeline_graph_signature(tiny_bundle: Path, runtime: Runtime) -> None:
     (images,) = model.graph.input
     assert images.name == "images" and images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_value for d in images.type.tensor_type.shape.dim][1:] == [s.height, s.width, s.channels]
-    assert [o.name for o in model.graph.output] == ["x", "x_hat", "logit", "features"]
+    assert [o.name for o in model.graph.output] == ["x", "x_hat", "logit", "features", "patch"]
     # every weight of the three graphs is there once, under its graph's prefix (pre/: mean, std)
     prefixes = {init.name.split("/", 1)[0] for init in model.graph.initializer}
     assert prefixes == {"pre", "e", "g", "d"}

@@ -50,7 +50,7 @@ def test_score_result_fields(rt: Runtime) -> None:
     assert np.array_equal(res.reconstruction, rt.reconstruct(imgs))
     forced = rt.score(imgs, threshold=-1e9)
     assert forced.is_outlier.all() and forced.threshold == -1e9
-    only_pixel = rt.score(imgs, weights={"pixel": 1.0, "feature": 0.0, "disc": 0.0})
+    only_pixel = rt.score(imgs, weights={**{k: 0.0 for k in rt.bundle.calibration.components}, "pixel": 1.0})
     stats = rt.bundle.calibration.stats["pixel"]
     assert only_pixel.score == pytest.approx((res.components["pixel"] - stats[0]) / stats[1])
 

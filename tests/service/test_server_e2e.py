@@ -191,7 +191,7 @@ def test_model_info(stub, runtime: Runtime) -> None:
     cal = runtime.bundle.calibration
     assert info.calibration.calibrated and info.calibration.n == cal.n
     assert info.calibration.threshold == pytest.approx(cal.threshold())
-    assert set(info.calibration.components) == {"pixel", "feature", "disc"}
+    assert set(info.calibration.components) == {"pixel", "feature", "disc", "pixel_local", "disc_local"}
 
 
 def test_request_id_is_echoed_or_generated(stub, images) -> None:

@@ -35,7 +35,7 @@ def test_tiny_bundle_separates_defects(synthetic_eval) -> None:
     assert r["n_normal"] == 150 and r["n_anomalous"] == 150
     assert r["image_auroc"] > AUROC_FLOOR, r
     assert r["pixel_auroc"] > PIXEL_AUROC_FLOOR, r
-    assert set(r["component_auroc"]) == {"pixel", "feature", "disc"}
+    assert set(r["component_auroc"]) == {"pixel", "feature", "disc", "pixel_local", "disc_local"}
     # the calibrated threshold keeps false positives near the 1% target on unseen normals
     assert r["fpr_at_threshold"] <= 0.06
 

@@ -46,14 +46,18 @@ class Image(_message.Message):
     def __init__(self, id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Components(_message.Message):
-    __slots__ = ("pixel", "feature", "disc")
+    __slots__ = ("pixel", "feature", "disc", "pixel_local", "disc_local")
     PIXEL_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     DISC_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    DISC_LOCAL_FIELD_NUMBER: _ClassVar[int]
     pixel: float
     feature: float
     disc: float
-    def __init__(self, pixel: _Optional[float] = ..., feature: _Optional[float] = ..., disc: _Optional[float] = ...) -> None: ...
+    pixel_local: float
+    disc_local: float
+    def __init__(self, pixel: _Optional[float] = ..., feature: _Optional[float] = ..., disc: _Optional[float] = ..., pixel_local: _Optional[float] = ..., disc_local: _Optional[float] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
     __slots__ = ("return_anomaly_map", "return_reconstruction", "return_repaired", "image_format", "weights", "threshold", "anomaly_map_input_size")
