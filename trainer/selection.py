@@ -1,6 +1,6 @@
 """Choosing score weights and checkpoints without test labels.
 
-The signal (DESIGN.md section 11): how well a weighting separates held-out *normal* images from
+The signal (docs/scoring.md, "Choosing without labels"): how well a weighting separates held-out *normal* images from
 synthetically corrupted copies of the same images. The corruptions are generic local and
 structural defects — a patch pasted from another image, a scratch, a blotch of noise, a
 flipped or rotated half, a cut-out — so no knowledge of the test anomalies goes in.
@@ -147,7 +147,7 @@ def select_weights(
     corrupted: Mapping[str, np.ndarray],
     margin: float = DROP_MARGIN,
 ) -> tuple[dict[str, float], dict]:
-    """Equal weights (DESIGN.md's default), minus any component whose removal clearly helps.
+    """Equal weights (the starting point), minus any component whose removal clearly helps.
 
     Backward elimination on the label-free signal: while dropping one component raises the
     normal-vs-corrupted separation AUROC by more than ``margin`` (about one standard error at a

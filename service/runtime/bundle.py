@@ -1,4 +1,4 @@
-"""The model bundle: manifest.json + three ONNX graphs (DESIGN.md section 3).
+"""The model bundle: manifest.json + three ONNX graphs (docs/scoring.md, "The bundle").
 
 :func:`load_bundle` verifies the format version, every file's sha256 and the declared shapes
 before anything runs; a failed check raises :class:`BundleError` naming the file and the check.

@@ -1,4 +1,4 @@
-"""Score components and their calibration (DESIGN.md section 4). Numpy only.
+"""Score components and their calibration (docs/scoring.md). Numpy only.
 
 Components, for normalized inputs x and reconstructions x_hat = G(mu(x)):
   pixel   = mean((x - x_hat)^2)

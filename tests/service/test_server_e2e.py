@@ -88,7 +88,8 @@ def test_score_matches_the_runtime(stub, runtime: Runtime, images) -> None:
     np.testing.assert_allclose([r.score for r in resp.results], ref.score, rtol=1e-5, atol=1e-6)
     assert [r.is_outlier for r in resp.results] == list(ref.is_outlier)
     np.testing.assert_allclose([r.tail_probability for r in resp.results], ref.tail_probability)
-    for k in ("pixel", "feature", "disc"):
+    assert set(ref.components) == {"pixel", "feature", "disc", "pixel_local", "disc_local"}
+    for k in ref.components:  # every component, local ones included, as the runtime computes it
         np.testing.assert_allclose([getattr(r.components, k) for r in resp.results], ref.components[k], rtol=1e-5)
     for i, r in enumerate(resp.results):
         assert r.threshold == pytest.approx(ref.threshold)
