@@ -37,7 +37,7 @@ import numpy as np
 
 from service.runtime.preprocess import Box, ImageSpec, model_region
 from service.runtime.regions import pixel_counts, pro_counts
-from service.runtime.scoring import conformal_rank
+from service.runtime.scoring import conformal_rank, gaussian_blur
 from service.runtime.stats import auroc, bootstrap_ci, rates_at_threshold
 from trainer.data import ImageSet
 from trainer.evaluate import AU_PRO_MAX_FPR, CONFIDENCE
@@ -49,7 +49,6 @@ __all__ = [
     "crop",
     "fpr_guarantee",
     "format_table",
-    "gaussian_smooth",
     "image_box",
     "measure",
     "mean_row",
@@ -98,26 +97,6 @@ def crop(a: np.ndarray, box: Box) -> np.ndarray:
     """(N, H, W[, C]) -> the (N, h, w[, C]) part inside ``box``."""
     t, left, h, w = box
     return a[:, t : t + h, left : left + w]
-
-
-def gaussian_smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """(N, H, W) maps smoothed with a Gaussian (separable, truncated at 4 sigma, reflected
-    edges), numpy only."""
-    r = max(1, int(round(4 * sigma)))
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    k = np.exp(-(x**2) / (2 * sigma**2))
-    k /= k.sum()
-    out = np.asarray(maps, np.float64)
-    for axis in (1, 2):
-        pad = [(0, 0)] * 3
-        pad[axis] = (r, r)
-        p = np.pad(out, pad, mode="symmetric")
-        n = out.shape[axis]
-        acc = np.zeros_like(out)
-        for j, wj in enumerate(k):
-            acc += wj * np.take(p, np.arange(j, j + n), axis=axis)
-        out = acc
-    return out.astype(np.float32)
 
 
 # ---- metrics ----------------------------------------------------------------------------
@@ -244,7 +223,7 @@ def baseline_maps(train_images: np.ndarray, images: np.ndarray, box: Box) -> dic
     x = crop(images, box)
     z = _z_maps(x, mean, std)
     bright = x.astype(np.float32).mean(axis=3) / 255.0
-    smooth = gaussian_smooth(z, SMOOTH_SIGMA)
+    smooth = gaussian_blur(z, SMOOTH_SIGMA)
     t, left, h, w = box
 
     def frame(a: np.ndarray) -> np.ndarray:

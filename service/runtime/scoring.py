@@ -65,30 +65,22 @@ def smoothing_sigma(height: int, width: int) -> float:
 
 
 def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of float maps (..., H, W), reflect padding: float32."""
+    """Separable Gaussian blur of float maps (N, H, W) (truncated at 3 sigma, reflected edges;
+    H, W larger than 3 sigma): float32."""
     r = max(1, int(3.0 * sigma + 0.5))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2).astype(np.float32)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
-    m = np.asarray(maps, np.float32)
-    h, w = m.shape[-2:]
-    lead = [(0, 0)] * (m.ndim - 2)
-    p = np.pad(m, [*lead, (min(r, h - 1), min(r, h - 1)), (0, 0)], mode="reflect") if h > 1 else m
-    ry = (p.shape[-2] - h) // 2
-    out = np.zeros_like(m)
-    for i, kv in enumerate(k):
-        j = i - r + ry
-        if 0 <= j <= p.shape[-2] - h:
-            out += kv * p[..., j : j + h, :]
-    out /= sum(kv for i, kv in enumerate(k) if 0 <= i - r + ry <= p.shape[-2] - h)
-    p = np.pad(out, [*lead, (0, 0), (min(r, w - 1), min(r, w - 1))], mode="reflect") if w > 1 else out
-    rx = (p.shape[-1] - w) // 2
-    res = np.zeros_like(m)
-    for i, kv in enumerate(k):
-        j = i - r + rx
-        if 0 <= j <= p.shape[-1] - w:
-            res += kv * p[..., :, j : j + w]
-    res /= sum(kv for i, kv in enumerate(k) if 0 <= i - r + rx <= p.shape[-1] - w)
-    return res
+    out = np.asarray(maps, np.float32)
+    for axis in (1, 2):
+        pad = [(0, 0)] * 3
+        pad[axis] = (r, r)
+        p = np.pad(out, pad, mode="reflect")
+        n = out.shape[axis]
+        acc = np.zeros_like(out)
+        for j, kj in enumerate(k.astype(np.float32)):
+            acc += kj * np.take(p, np.arange(j, j + n), axis=axis)
+        out = acc
+    return out
 
 
 def local_maps(x: np.ndarray, x_hat: np.ndarray, patch: np.ndarray | None) -> dict[str, np.ndarray]:
