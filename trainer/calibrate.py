@@ -27,7 +27,7 @@ from service.runtime.scoring import (
     raw_components,
 )
 from trainer.guards import calibration_size_report, collapse_report, fired_warnings, log_warnings
-from trainer.selection import corrupt, select_weights
+from trainer.selection import corrupt, select_map_weights, select_weights
 
 __all__ = ["calibrate_bundle", "components_of"]
 
@@ -107,12 +107,16 @@ def calibrate_bundle(
     if selection_images is not None:
         sel_comps, _, _ = _forward_all(rt, selection_images)
         stats, stats_source = component_stats(sel_comps), "selection part"
+        corrupted_images = corrupt(selection_images, seed=seed)[0]
+        corrupted, corrupted_maps = components_of(rt, corrupted_images)
         if weights is None:
-            corrupted, _ = components_of(rt, corrupt(selection_images, seed=seed)[0])
             weights, report = select_weights(sel_comps, corrupted)
             selection = {**report, **(selection or {})}
         else:
             selection = {"method": "given", **(selection or {})}
+        changed = (corrupted_images != selection_images).any(axis=-1)  # (N, H, W)
+        map_weights, map_report = select_map_weights(corrupted_maps, changed, stats, seed=seed)
+        selection["map_weights"] = map_report
     else:
         if weights is None:
             raise ValueError("choosing weights without labels needs a selection part (selection_images)")
@@ -121,6 +125,7 @@ def calibrate_bundle(
         stats = dict(bundle.calibration.stats)
         stats_source = f"kept from the previous calibration ({bundle.calibration.stats_source})"
         comps = {k: v for k, v in comps.items() if k in stats}  # the components it was fitted with
+        map_weights = dict(bundle.calibration.map_weights)
         selection = {"method": "given", **(selection or {})}
     checks = {
         "collapse": collapse_report(recon, normal_images),
@@ -132,6 +137,7 @@ def calibrate_bundle(
         comps, weights, target_fpr=target_fpr, selection=selection, seed=seed,
         stats=stats, stats_source=stats_source, parts=parts, warnings=warnings,
     )
+    cal = dataclasses.replace(cal, map_weights=map_weights)
     # the repair threshold: a high quantile of the calibration images' served anomaly maps,
     # which depend on the weights and stats just fixed
     served = combined_map(maps, maps["residual"], cal)

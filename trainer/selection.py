@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime.scoring import ALL_COMPONENTS
+from service.runtime.scoring import ALL_COMPONENTS, LOCAL_COMPONENTS
 from service.runtime.stats import auroc
 from trainer.data import ImageSet
 
 __all__ = [
+    "select_map_weights",
     "CORRUPTIONS",
     "DROP_MARGIN",
     "corrupt",
@@ -188,3 +189,55 @@ def select_weights(
         "dropped": steps,
     }
     return weights, report
+
+
+def select_map_weights(
+    maps: Mapping[str, np.ndarray],
+    changed: np.ndarray,
+    stats: Mapping[str, tuple[float, float]],
+    margin: float = DROP_MARGIN,
+    max_pixels: int = 400_000,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict]:
+    """Weights of the local maps in the served anomaly map, chosen for localization.
+
+    ``maps``: local maps (N, H, W) of corrupted copies of the selection part; ``changed``: bool
+    (N, H, W), the pixels each corruption altered (images altered over more than half their
+    area, a rotation or a mirrored half, are left out: they have nothing to localize). The
+    signal is the pixel AUROC of the standardized, summed maps against ``changed``; the rule is
+    the backward elimination of :func:`select_weights`, at pixel level. No label is involved.
+    """
+    names = [k for k in LOCAL_COMPONENTS if k in maps]
+    if not names:
+        return {}, {"method": "no local maps"}
+    keep = changed.reshape(len(changed), -1).mean(1) < 0.5
+    flat = changed[keep].reshape(-1)
+    if not keep.any() or not flat.any():
+        return {k: 1.0 for k in names}, {"method": "no localized corruption to measure on"}
+    rng = np.random.default_rng(seed)
+    pick = np.arange(flat.size) if flat.size <= max_pixels else rng.choice(flat.size, max_pixels, replace=False)
+    z = {k: ((maps[k][keep].reshape(-1)[pick] - stats[k][0]) / stats[k][1]) for k in names}
+
+    def pixel_auroc(active: set[str]) -> float:
+        return auroc(sum(z[k] for k in active), flat[pick])
+
+    active = set(names)
+    current = pixel_auroc(active)
+    steps = []
+    while len(active) > 1:
+        candidates = {k: pixel_auroc(active - {k}) for k in active}
+        drop = max(candidates, key=lambda k: candidates[k])
+        if candidates[drop] <= current + margin:
+            break
+        steps.append({"dropped": drop, "pixel_auroc_before": current, "pixel_auroc_after": candidates[drop]})
+        active.discard(drop)
+        current = candidates[drop]
+    report = {
+        "method": f"backward elimination from equal weights, margin {margin}, on the pixel AUROC of "
+        "the summed standardized maps against the pixels the corruptions changed",
+        "n_images": int(keep.sum()),
+        "pixel_auroc": current,
+        "map_pixel_auroc": {k: pixel_auroc({k}) for k in names},
+        "dropped": steps,
+    }
+    return {k: float(k in active) for k in names}, report

@@ -129,10 +129,12 @@ def combined_map(
 ) -> np.ndarray:
     """The anomaly map a response carries, float32 (N, H, W): the weighted sum of the local maps
     (:func:`local_maps`) in use, each standardized with its component's (mean, std), so a map's
-    maximum is its component's z-score; ``residual`` (|x - x_hat|, :func:`anomaly_map`) when no
-    local component has weight, or the bundle is uncalibrated or older than local components."""
+    maximum is its component's z-score. The weights are the calibration's ``map_weights``
+    (chosen for localization), else the score weights (with ``weights`` overrides).
+    ``residual`` (|x - x_hat|, :func:`anomaly_map`) when no local map has weight, or the bundle
+    is uncalibrated or older than local components."""
     if calibration is not None:
-        w = calibration.effective_weights(weights)
+        w = dict(calibration.map_weights) or calibration.effective_weights(weights)
         active = [k for k in LOCAL_COMPONENTS if w.get(k, 0.0) != 0.0 and k in maps]
         if active:
             total = np.zeros(maps[active[0]].shape, np.float32)
@@ -200,6 +202,9 @@ class Calibration:
     stats_source: str = ""  # where ``stats`` came from ("" -> derived from samples)
     parts: dict[str, Any] = field(default_factory=dict)  # the held-out parts: sizes, id hashes
     warnings: list[dict[str, Any]] = field(default_factory=list)  # guard-rail reports that fired
+    # weights of the local maps in the served anomaly map, chosen for localization (how well
+    # each map finds synthetic corruptions pixel by pixel); empty: the score weights
+    map_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [k for k in COMPONENTS if k not in self.samples or k not in self.weights]
@@ -237,6 +242,9 @@ class Calibration:
             _check_finite("std", k, std)
             if std <= 0.0:
                 raise ValueError(f"calibration std of component {k!r} must be > 0, got {std}")
+        self.map_weights = {k: float(v) for k, v in self.map_weights.items() if k in comps}
+        for k, v in self.map_weights.items():
+            _check_finite("map weight", k, v)
         if math.isnan(self.map_threshold):
             raise ValueError("calibration map_threshold is NaN")
         self.rank = conformal_rank(self.n, self.target_fpr)
@@ -336,6 +344,7 @@ class Calibration:
             },
             "map_quantile": self.map_quantile,
             "map_threshold": self.map_threshold,
+            "map_weights": dict(self.map_weights),
             "selection": self.selection,
             "parts": self.parts,
             "warnings": list(self.warnings),
@@ -355,6 +364,7 @@ class Calibration:
             target_fpr=float(d["target_fpr"]),
             map_quantile=float(d.get("map_quantile", 0.999)),
             map_threshold=float(d.get("map_threshold", float("inf"))),
+            map_weights={k: float(v) for k, v in d.get("map_weights", {}).items()},
             selection=dict(d.get("selection", {})),
             stats=stats,
             stats_source=str(d.get("stats_source", "")),
