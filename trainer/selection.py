@@ -9,7 +9,7 @@ flipped or rotated half, a cut-out — so no knowledge of the test anomalies goe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -138,6 +138,26 @@ def separation(
     return auroc(np.r_[s_n, s_c], np.r_[np.zeros(len(s_n)), np.ones(len(s_c))])
 
 
+def _backward_elimination(
+    names: list[str], signal: Callable[[set[str]], float], margin: float
+) -> tuple[set[str], float, list[dict[str, Any]]]:
+    """From all of ``names``, drop one at a time while dropping it raises ``signal`` (an AUROC of
+    the active set) by more than ``margin``, the one whose removal helps most first. Returns
+    (the active set, its signal, the steps taken)."""
+    active = set(names)
+    current = signal(active)
+    steps: list[dict[str, Any]] = []
+    while len(active) > 1:
+        candidates = {k: signal(active - {k}) for k in active}
+        drop = max(candidates, key=lambda k: candidates[k])
+        if candidates[drop] <= current + margin:
+            break
+        steps.append({"dropped": drop, "auroc_before": current, "auroc_after": candidates[drop]})
+        active.discard(drop)
+        current = candidates[drop]
+    return active, current, steps
+
+
 def _names(components: Mapping[str, np.ndarray]) -> list[str]:
     """The known components present, in their canonical order."""
     return [k for k in ALL_COMPONENTS if k in components]
@@ -166,17 +186,7 @@ def select_weights(
     def sep(active: set[str]) -> float:
         return separation(normal, corrupted, {k: float(k in active) for k in names}, stats)
 
-    active = set(names)
-    steps = []
-    current = sep(active)
-    while len(active) > 1:
-        candidates = {k: sep(active - {k}) for k in active}
-        drop = max(candidates, key=lambda k: candidates[k])
-        if candidates[drop] <= current + margin:
-            break
-        steps.append({"dropped": drop, "auroc_before": current, "auroc_after": candidates[drop]})
-        active.discard(drop)
-        current = candidates[drop]
+    active, current, steps = _backward_elimination(names, sep, margin)
     weights = {k: float(k in active) for k in names}
     report = {
         "method": f"backward elimination from equal weights, margin {margin} "
@@ -221,17 +231,7 @@ def select_map_weights(
     def pixel_auroc(active: set[str]) -> float:
         return auroc(sum(z[k] for k in active), flat[pick])
 
-    active = set(names)
-    current = pixel_auroc(active)
-    steps = []
-    while len(active) > 1:
-        candidates = {k: pixel_auroc(active - {k}) for k in active}
-        drop = max(candidates, key=lambda k: candidates[k])
-        if candidates[drop] <= current + margin:
-            break
-        steps.append({"dropped": drop, "pixel_auroc_before": current, "pixel_auroc_after": candidates[drop]})
-        active.discard(drop)
-        current = candidates[drop]
+    active, current, steps = _backward_elimination(names, pixel_auroc, margin)
     report = {
         "method": f"backward elimination from equal weights, margin {margin}, on the pixel AUROC of "
         "the summed standardized maps against the pixels the corruptions changed",
