@@ -9,8 +9,8 @@ top of a map):
   pixel_local = max of the Gaussian-smoothed residual map |x - x_hat| (channel mean)
   disc_local  = max of the smoothed map softplus(-patch_logit_D(x)) from D's per-pixel head
                 (bundles whose discriminator has one)
-The anomaly map is the weighted sum of the standardized local maps of the components in use
-(:func:`combined_map`), or the plain residual map when none is.
+The anomaly map is the weighted sum of the local maps in use, each scaled by its component's
+normal spread (:func:`combined_map`), or the plain residual map when none is.
 Held-out normal images come in two parts. The *selection* part gives each component a
 mean/std (and chooses the weights); the outlier score is ``sum_k w_k (s_k - mean_k) / std_k``.
 The *calibration* part, used for nothing else, sets the threshold (a conformal order
@@ -127,9 +127,11 @@ def combined_map(
     calibration: Calibration | None,
     weights: Mapping[str, float] | None = None,
 ) -> np.ndarray:
-    """The anomaly map a response carries, float32 (N, H, W): the weighted sum of the local maps
-    (:func:`local_maps`) in use, each standardized with its component's (mean, std), so a map's
-    maximum is its component's z-score. The weights are the calibration's ``map_weights``
+    """The anomaly map a response carries, float32 (N, H, W), >= 0: the weighted sum of the local
+    maps (:func:`local_maps`) in use, each divided by its component's std (the normal spread of
+    its maximum), so maps in different units add up and 0 still means "nothing" (subtracting
+    the means too would only shift every pixel by one constant). The weights are the
+    calibration's ``map_weights``
     (chosen for localization), else the score weights (with ``weights`` overrides).
     ``residual`` (|x - x_hat|, :func:`anomaly_map`) when no local map has weight, or the bundle
     is uncalibrated or older than local components."""
@@ -139,8 +141,7 @@ def combined_map(
         if active:
             total = np.zeros(maps[active[0]].shape, np.float32)
             for k in active:
-                mean, std = calibration.stats[k]
-                total += np.float32(w[k]) * (maps[k] - np.float32(mean)) / np.float32(std)
+                total += np.float32(w[k] / calibration.stats[k][1]) * maps[k]
             return total
     return residual
 

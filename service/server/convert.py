@@ -223,8 +223,8 @@ def raw_model_batch(images: Sequence[pb.Image], spec: ImageSpec, limits: Limits)
 
 def full_scale(spec: ImageSpec, calibration: Calibration | None = None) -> float:
     """The anomaly-map value drawn as 255 in PNG maps: twice the calibrated map threshold when
-    the served map is in z units (:func:`~service.runtime.scoring.combined_map` with local
-    components), else the largest possible |x - x_hat|, max(1 / std)."""
+    the served map is made of local maps (:func:`~service.runtime.scoring.combined_map`), else
+    the largest possible |x - x_hat|, max(1 / std)."""
     if calibration is not None and any((calibration.map_weights or calibration.weights).get(k, 0.0) for k in LOCAL_COMPONENTS):
         if math.isfinite(calibration.map_threshold) and calibration.map_threshold > 0:
             return 2.0 * calibration.map_threshold
