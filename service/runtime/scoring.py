@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 COMPONENTS = ("pixel", "feature", "disc")  # in every calibration and every response
 LOCAL_COMPONENTS = ("pixel_local", "disc_local")  # maxima of smoothed maps
 ALL_COMPONENTS = COMPONENTS + LOCAL_COMPONENTS
+_WARNED_CAPPED: set[tuple[int, float]] = set()
 MAX_STORED_SAMPLES = 4096  # calibration samples kept in the manifest (uniform subsample beyond)
 
 
@@ -250,7 +251,8 @@ class Calibration:
             raise ValueError("calibration map_threshold is NaN")
         self.rank = conformal_rank(self.n, self.target_fpr)
         self.capped = self.rank > self.n
-        if self.capped:
+        if self.capped and (self.n, self.target_fpr) not in _WARNED_CAPPED:
+            _WARNED_CAPPED.add((self.n, self.target_fpr))  # once per process and size
             logger.warning(
                 "calibration: %d images cannot set a threshold at target FPR %g (need >= %d); "
                 "the threshold is the largest calibration score and the false positive rate "

@@ -63,6 +63,9 @@ def test_tail_probability_is_the_conformal_p_value_and_matches_the_threshold() -
 
 
 def test_too_few_calibration_images_cap_at_the_max_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    from service.runtime import scoring
+
+    scoring._WARNED_CAPPED.clear()  # the warning is logged once per process and size
     u = np.random.default_rng(3).random(30)
     with caplog.at_level(logging.WARNING, logger="service.runtime.scoring"):
         cal = _uniform_cal(u, 0.01)
