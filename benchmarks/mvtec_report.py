@@ -62,10 +62,14 @@ TYPE_ORDER = ("cut", "hole", "contamination", "combined")  # the tyre's types, i
 _SHORT = {"contamination": "contam.", "combined": "combined"}  # table column heads (8 wide)
 Z_EPS = 1e-3  # z-score denominator floor, in [0, 1] intensity units (train/good std is ~0.05)
 SMOOTH_SIGMA = 4.0  # model pixels
+PRIOR_SIGMA = 8.0  # model pixels: the location-prior baselines (a wide blob on the bright tyre)
 BASELINES = {
     "z-score mean": "per-pixel |x - mean| / (std + eps) vs train/good, channel mean; image score = map mean",
     "brightness": "map = pixel brightness (channel mean); image score = mean brightness",
     "z-score smooth max": f"z-score map, Gaussian sigma {SMOOTH_SIGMA:g} px; image score = map max",
+    "brightness smooth": f"map = brightness, Gaussian sigma {PRIOR_SIGMA:g} px; image score = its max",
+    "constant prior": f"the SAME map for every image: mean train/good brightness, Gaussian sigma {PRIOR_SIGMA:g} px "
+                      "(where defects usually are, nothing about the image); image score = 0",
 }
 # Published one-class results for MVTec 3D-AD "tire" (from the data set's README.txt). Not
 # measured here: other input resolutions (224x224 or native 600x800), some with 3D data.
@@ -231,10 +235,14 @@ def baseline_maps(train_images: np.ndarray, images: np.ndarray, box: Box) -> dic
         out[:, t : t + h, left : left + w] = a
         return out
 
+    bright_smooth = gaussian_blur(bright, PRIOR_SIGMA)
+    prior = gaussian_blur(tr.mean(axis=3).mean(axis=0)[None], PRIOR_SIGMA)[0]
     return {
         "z-score mean": (z.mean(axis=(1, 2)), frame(z)),
         "brightness": (bright.mean(axis=(1, 2)), frame(bright)),
         "z-score smooth max": (smooth.max(axis=(1, 2)), frame(smooth)),
+        "brightness smooth": (bright_smooth.max(axis=(1, 2)), frame(bright_smooth)),
+        "constant prior": (np.zeros(len(x)), frame(np.broadcast_to(prior, bright.shape))),
     }
 
 
@@ -517,6 +525,11 @@ def run(args: argparse.Namespace) -> int:
         }
         out.write_text(json.dumps(doc, indent=2) + "\n")
 
+    if getattr(args, "baselines_only", False):  # refresh the baselines of an existing result
+        if out.is_file():
+            old = json.loads(out.read_text())
+            rows.extend(old.get("rows", []))
+        seeds = []
     for i, seed in enumerate(seeds):
         row, ev = _model_row(args, seed, spec, test, box)
         rows.append(row)
@@ -532,5 +545,5 @@ def run(args: argparse.Namespace) -> int:
                                     *(w.get("kind") for w in r.get("calibration_warnings") or [])]))
         if kinds:
             print(f"{r['row']}: guard-rail warnings: {', '.join(map(str, kinds))} (details in the bundle manifest)")
-    print(f"\nwrote {out} and {png} (total {time.perf_counter() - t_start:.0f} s)")
+    print(f"\nwrote {out}{'' if not seeds else f' and {png}'} (total {time.perf_counter() - t_start:.0f} s)")
     return 0

@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", help="mvtec: comma list of seeds, one run each plus their mean (default: --seed)")
     p.add_argument("--tag", default="", help="mvtec: JSON name one_class_mvtec_<tag>.json and run-dir suffix")
     p.add_argument("--n-boot", type=int, default=1000, help="mvtec: bootstrap resamples of the intervals")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="mvtec: re-measure the baselines and reprint the table, keeping the model rows of the existing JSON")
     p.add_argument("--latent-dim", type=int, default=32)
     p.add_argument("--base-width", type=int, default=32)
     p.add_argument("--no-spectral-norm", action="store_true", help="plain discriminator layers")
