@@ -77,11 +77,10 @@ class Forward:
         """Concatenate along the batch axis (the inverse of slicing)."""
         if len(parts) == 1:
             return parts[0]
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(*(
-            None if getattr(parts[0], n) is None else np.concatenate([getattr(p, n) for p in parts])
-            for n in names
-        ))
+        def cat(name: str) -> Any:
+            return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
+
+        return cls(**{f.name: cat(f.name) for f in dataclasses.fields(cls)})
 
 
 def _no_rows(width: int) -> np.ndarray:
