@@ -90,8 +90,11 @@ def test_baselines_find_a_planted_bright_defect(tree: Path) -> None:
     val = load_dataset("mvtec", tree, "validation", SPEC)
     box = image_box(tree, test.ids, SPEC)
     rows = baseline_rows(train.images, val.images, test, box, target_fpr=0.1, n_boot=50)
-    assert set(rows) == {"z-score mean", "brightness", "z-score smooth max"}
-    for name, r in rows.items():
+    assert set(rows) == {"z-score mean", "brightness", "z-score smooth max", "brightness smooth", "constant prior"}
+    # the location prior knows nothing about the image: chance at image level, whatever it scores per pixel
+    assert rows["constant prior"]["image_auroc"] == pytest.approx(0.5)
+    for name in ("z-score mean", "brightness", "z-score smooth max"):
+        r = rows[name]
         assert r["image_auroc"] >= 0.9, name
         assert r["pixel_auroc"] >= 0.9, name
         assert set(r["auroc_by_type"]) == {"cut", "hole"}
