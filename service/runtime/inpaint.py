@@ -24,9 +24,7 @@ __all__ = [
     "dilate",
     "mask_to_input",
     "mask_to_model",
-    "mask_to_size",
     "prepare_mask",
-    "resize_to",
 ]
 
 
@@ -38,24 +36,6 @@ def prepare_mask(src: ImageLike, shape: tuple[int, int], where: str) -> np.ndarr
     if m.shape != shape:
         raise InvalidInput(f"{where}: mask shape {m.shape} does not match image shape {shape}")
     return m > 0
-
-
-def resize_to(arr: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (H, W, C) -> uint8 (height, width, C), bilinear."""
-    if arr.shape[:2] == (height, width):
-        return arr
-    squeeze = arr.shape[2] == 1
-    im = Image.fromarray(arr[:, :, 0] if squeeze else arr)
-    out = np.asarray(im.resize((width, height), Image.Resampling.BILINEAR))
-    return out[:, :, None] if squeeze else out
-
-
-def mask_to_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """bool (H, W) -> bool (height, width); any covered pixel stays covered (area resize > 0)."""
-    if mask.shape == (height, width):
-        return mask
-    im = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(im.resize((width, height), Image.Resampling.BOX)) > 0
 
 
 def mask_to_model(mask: np.ndarray, spec: ImageSpec) -> np.ndarray:
