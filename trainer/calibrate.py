@@ -43,10 +43,11 @@ def _forward_all(
     recon = []
     for i in range(0, len(images), batch):
         fwd = rt.forward_images(images[i : i + batch])
-        local = local_maps(fwd.x, fwd.x_hat, fwd.patch)
+        residual = anomaly_map(fwd.x, fwd.x_hat)
+        local = local_maps(fwd.x, fwd.x_hat, fwd.patch, residual)
         for k, v in raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit, fwd.patch, local).items():
             comps.setdefault(k, []).append(v)
-        for k, v in {**local, "residual": anomaly_map(fwd.x, fwd.x_hat)}.items():
+        for k, v in {**local, "residual": residual}.items():
             maps.setdefault(k, []).append(v)
         if reconstructions:
             recon.append(denormalize(fwd.x_hat, rt.spec))

@@ -282,10 +282,11 @@ class Runtime:
     ) -> ScoreResult:
         """Components, calibrated score and anomaly map (:func:`~service.runtime.scoring.combined_map`)
         from a :class:`Forward`."""
-        local = local_maps(fwd.x, fwd.x_hat, fwd.patch)
+        residual = anomaly_map(fwd.x, fwd.x_hat)  # computed once: the local maps start from it
+        local = local_maps(fwd.x, fwd.x_hat, fwd.patch, residual)
         comps = raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit, fwd.patch, local)
         cal = self.bundle.calibration
-        amap = combined_map(local, anomaly_map(fwd.x, fwd.x_hat), cal, weights)
+        amap = combined_map(local, residual, cal, weights)
         if cal is None:  # uncalibrated bundle: the raw pixel error, no decision
             if weights:
                 raise InvalidInput("component weights need a calibrated bundle")

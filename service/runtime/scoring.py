@@ -84,12 +84,16 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def local_maps(x: np.ndarray, x_hat: np.ndarray, patch: np.ndarray | None) -> dict[str, np.ndarray]:
+def local_maps(
+    x: np.ndarray, x_hat: np.ndarray, patch: np.ndarray | None, residual: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The smoothed maps behind the local components, float32 (N, H, W) each: ``pixel_local``
     from |x - x_hat| (channel mean), ``disc_local`` from softplus(-patch logits) when D has a
-    per-pixel head (``patch`` (N, 1, H, W))."""
+    per-pixel head (``patch`` (N, 1, H, W)). ``residual``: :func:`anomaly_map` of (x, x_hat)
+    when the caller already has it."""
     sigma = smoothing_sigma(*x.shape[2:])
-    out = {"pixel_local": gaussian_blur(anomaly_map(x, x_hat), sigma)}
+    residual = anomaly_map(x, x_hat) if residual is None else residual
+    out = {"pixel_local": gaussian_blur(residual, sigma)}
     if patch is not None:
         out["disc_local"] = gaussian_blur(softplus(-patch[:, 0]).astype(np.float32), sigma)
     return out
