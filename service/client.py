@@ -244,22 +244,27 @@ class OutlierClient:
 
     def score_stream(
         self,
-        batches: Iterable[Sequence[ImageInput] | np.ndarray],
+        batches: Iterable[Any],
         *,
+        with_ids: bool = False,
         anomaly_maps: bool = False,
+        repaired: bool = False,
         weights: Mapping[str, float] | None = None,
         threshold: float | None = None,
         timeout: float | None = None,
         anomaly_map_input_size: bool = False,
     ) -> Iterator[list[ImageScore]]:
-        """Score many batches over one ScoreStream call (no retries); yields per batch."""
-        options = self._options(anomaly_maps, False, False, weights, threshold, anomaly_map_input_size)
+        """Score many batches over one ScoreStream call (no retries); yields per batch, in
+        order. Each batch is a sequence of images (or a batch array), or with ``with_ids`` an
+        ``(ids, images)`` pair. ``batches`` is read lazily, as the stream has room."""
+        options = self._options(anomaly_maps, False, repaired, weights, threshold, anomaly_map_input_size)
 
         def requests() -> Iterator[pb.ScoreRequest]:
             for batch in batches:
-                items = _as_list(batch)
+                ids, images = batch if with_ids else (None, batch)
+                items = _as_list(images)
                 yield pb.ScoreRequest(
-                    images=[_to_image(s, i) for s, i in zip(items, _ids(items, None), strict=True)],
+                    images=[_to_image(s, i) for s, i in zip(items, _ids(items, ids), strict=True)],
                     options=options,
                 )
 

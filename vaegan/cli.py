@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -423,6 +424,194 @@ def _cmd_inpaint(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- score (batch) ----------------------------------------------------------------------
+EXIT_PARTIAL = 3  # vaegan score: some inputs could not be scored (their rows carry the error)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise CliError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="batch-score files, folders, globs or @lists into Parquet/CSV/JSONL (resumable, sharded)",
+        description="Score images into a table, one row per input. Exit code 0: all scored; 3: some inputs "
+                    "failed (their rows say why); 2: a usage error.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive, image extensions only), globs ('data/**/*.png'), or "
+                        "@LIST (.txt, .csv, .jsonl, .parquet with a 'path' column; other columns are carried over)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="score in this process with this bundle directory")
+    src.add_argument("--server", metavar="HOST:PORT", help="score on a vaegan serve server (ScoreStream)")
+    p.add_argument("--out", type=Path, required=True, help="output table: .parquet, .csv or .jsonl")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call / request (default 64)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: cores - 1; 0 decodes in this process)")
+    p.add_argument("--weights", help="component weights as the service takes them, e.g. pixel=1,disc=0")
+    p.add_argument("--threshold", type=float, help="decision threshold instead of the calibrated one")
+    p.add_argument("--maps-dir", type=Path, help="write each anomaly map as a PNG named by id (sub-folders mirrored)")
+    p.add_argument("--repaired-dir", type=Path, help="write each repaired image as a PNG named by id")
+    p.add_argument("--only-outliers", action="store_true", help="pictures for flagged images only")
+    p.add_argument("--resume", action="store_true", help="keep what an earlier run of this job wrote; score the rest")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output (and its parts) first")
+    p.add_argument("--shard-index", type=int, help="this job's shard (default: $JOB_COMPLETION_INDEX, else 0)")
+    p.add_argument("--num-shards", type=int, help="number of shards (default: $VAEGAN_NUM_SHARDS, else 1); each "
+                                                  "shard writes OUT with .shard-IIIII-of-NNNNN before its extension")
+    p.add_argument("--report", type=Path, metavar="DIR", help="write summary.json, histogram.png and top_k.png here")
+    p.add_argument("--top-k", type=int, default=16, help="images in the report's top-k grid (default 16)")
+    p.add_argument("--part-rows", type=int, default=10_000,
+                   help="commit a part file every this many rows (default 10000): the most a kill can lose")
+    p.add_argument("--part-seconds", type=float, default=60.0, help="... or every this many seconds (default 60)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line every 30 s instead)")
+    m = p.add_argument_group("--model options")
+    m.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    m.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
+    r = p.add_argument_group("--server options")
+    r.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca-file)")
+    r.add_argument("--tls-ca-file", type=Path, help="PEM root certificates to verify the server with (implies --tls)")
+    r.add_argument("--tls-cert-file", type=Path, help="PEM client certificate chain (mutual TLS, with --tls-key-file)")
+    r.add_argument("--tls-key-file", type=Path, help="PEM client private key")
+    r.add_argument("--timeout", type=float, help="deadline of the whole stream in seconds (default: none)")
+    p.set_defaults(func=_cmd_score)
+
+
+def _check_score_args(a: argparse.Namespace) -> None:
+    if a.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if a.workers is not None and a.workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {a.workers}")
+    if a.part_rows < 1 or not a.part_seconds > 0:
+        raise CliError("--part-rows and --part-seconds must be positive")
+    if a.threshold is not None and not math.isfinite(a.threshold):
+        raise CliError(f"--threshold must be a finite number, got {a.threshold}")
+    if a.resume and a.overwrite:
+        raise CliError("--resume and --overwrite exclude each other")
+    if a.only_outliers and a.maps_dir is None and a.repaired_dir is None:
+        raise CliError("--only-outliers applies to --maps-dir / --repaired-dir; give one of them")
+    if a.num_shards < 1:
+        raise CliError(f"--num-shards must be at least 1, got {a.num_shards}")
+    if not 0 <= a.shard_index < a.num_shards:
+        raise CliError(f"--shard-index must be in 0..{a.num_shards - 1}, got {a.shard_index}")
+    if (a.tls_cert_file is None) != (a.tls_key_file is None):
+        raise CliError("--tls-cert-file and --tls-key-file go together")
+    if a.model is not None and (a.tls or a.tls_ca_file or a.tls_cert_file or a.timeout is not None):
+        raise CliError("--tls*, --timeout apply to --server only")
+
+
+def _score_weights(text: str | None) -> dict[str, float] | None:
+    from service.runtime.scoring import ALL_COMPONENTS
+
+    if not text:
+        return None
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or name not in ALL_COMPONENTS:
+            raise CliError(f"--weights: expected name=value with a name in {', '.join(ALL_COMPONENTS)}, got {part!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise CliError(f"--weights: {name}={value!r} is not a number") from None
+        if not math.isfinite(out[name]):
+            raise CliError(f"--weights: {name} must be finite, got {value}")
+    return out
+
+
+def _read_pem(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CliError(f"{what} {path}: {e.strerror or e}") from None
+
+
+def _scorer(a: argparse.Namespace, weights: dict[str, float] | None):  # noqa: ANN202 - a Scorer
+    if a.model is not None:
+        from service.batch.score import LocalScorer
+        from service.runtime import Runtime
+
+        rt = Runtime.load(a.model, providers=a.providers, intra_op_threads=a.threads, spin=False)
+        if weights or a.threshold is not None:  # refuse bad weights now, not on the first batch
+            if rt.bundle.calibration is None and weights:
+                raise CliError("--weights needs a calibrated bundle")
+            if rt.bundle.calibration is not None:
+                rt.bundle.calibration.threshold(weights)
+        return LocalScorer(rt, weights, a.threshold), None
+    from service.batch.score import RemoteScorer
+    from service.client import OutlierClient
+
+    client = OutlierClient(
+        a.server, timeout=30.0, tls=a.tls or a.tls_ca_file is not None,
+        root_certificates=_read_pem(a.tls_ca_file, "--tls-ca-file"),
+        private_key=_read_pem(a.tls_key_file, "--tls-key-file"),
+        certificate_chain=_read_pem(a.tls_cert_file, "--tls-cert-file"),
+    )
+    return RemoteScorer(client, weights, a.threshold, timeout=a.timeout or 10 * 86400.0), client
+
+
+def _cmd_score(a: argparse.Namespace) -> int:
+    try:
+        import pyarrow  # noqa: F401
+    except ModuleNotFoundError:
+        raise CliError("vaegan score needs pyarrow: pip install 'vaegan[batch]'") from None
+    from service.batch.job import JobConfig, run_job
+    from service.batch.table import OutputError
+    from service.client import OutlierClientError
+
+    a.shard_index = _env_int("JOB_COMPLETION_INDEX", 0) if a.shard_index is None else a.shard_index
+    a.num_shards = _env_int("VAEGAN_NUM_SHARDS", 1) if a.num_shards is None else a.num_shards
+    _check_score_args(a)
+    weights = _score_weights(a.weights)
+    cfg = JobConfig(
+        inputs=a.inputs, out=a.out, batch_size=a.batch_size, workers=a.workers, maps_dir=a.maps_dir,
+        repaired_dir=a.repaired_dir, only_outliers=a.only_outliers, resume=a.resume, overwrite=a.overwrite,
+        shard_index=a.shard_index, num_shards=a.num_shards, report_dir=a.report, top_k=a.top_k,
+        part_rows=a.part_rows, part_seconds=a.part_seconds, progress=False if a.no_progress else None,
+    )
+    try:
+        scorer, client = _scorer(a, weights)
+    except OutlierClientError as e:
+        raise CliError(f"--server {a.server}: {e.code.name}: {e.details}") from None
+    try:
+        summary = run_job(cfg, scorer)
+    except OutputError as e:
+        raise CliError(str(e)) from None
+    except OutlierClientError as e:
+        print(f"vaegan score: error: the server failed mid-job ({e.code.name}: {e.details}); the parts written "
+              "so far are kept: run the same command with --resume to go on", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    print(summary.line())
+    return EXIT_PARTIAL if summary.exit_code else 0
+
+
+def _add_score_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score-merge", help="join the shard files of a sharded vaegan score job into one table")
+    p.add_argument("out", type=Path, help="merged table: .parquet, .csv or .jsonl (rows sorted by id)")
+    p.add_argument("shards", type=Path, nargs="+", metavar="SHARD_FILE")
+    p.set_defaults(func=_cmd_score_merge)
+
+
+def _cmd_score_merge(a: argparse.Namespace) -> int:
+    from service.batch.table import merge_tables
+
+    missing = [p for p in a.shards if not p.is_file()]
+    if missing:
+        raise CliError(f"{missing[0]}: no such file")
+    stats = merge_tables(a.out, a.shards)
+    print(f"merged {len(a.shards)} files: {stats.rows:,} rows ({stats.errors:,} with errors); wrote {a.out}")
+    return 0
+
+
 # ---- serve ------------------------------------------------------------------------------
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC service and /metrics")
@@ -463,7 +652,8 @@ def _fail(msg: str) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_export, _add_calibrate, _add_evaluate, _add_inpaint, _add_serve, _add_demo,
+    _add_train, _add_export, _add_calibrate, _add_evaluate, _add_inpaint, _add_score, _add_score_merge,
+    _add_serve, _add_demo,
 ]
 
 

@@ -1,19 +1,44 @@
 """The serving runtime: bundle loading, preprocessing, scoring, calibration, inpainting.
 
-Numpy, Pillow and onnxruntime only: never torch.
+Numpy, Pillow and onnxruntime only: never torch. The names below are imported on first use,
+so that a light submodule (``service.runtime.preprocess``, which batch-scoring decode workers
+import) does not pull in ONNX Runtime and ``onnx``.
 """
 
-from service.runtime.bundle import Bundle, load_bundle
-from service.runtime.errors import (
-    BundleError,
-    InvalidInput,
-    ModelNotReady,
-    ResourceExhausted,
-    ServiceError,
-)
-from service.runtime.preprocess import ImageSpec
-from service.runtime.runtime import Forward, Runtime, ScoreResult
-from service.runtime.scoring import COMPONENTS, Calibration
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.runtime.bundle import Bundle, load_bundle
+    from service.runtime.errors import (
+        BundleError,
+        InvalidInput,
+        ModelNotReady,
+        ResourceExhausted,
+        ServiceError,
+    )
+    from service.runtime.preprocess import ImageSpec
+    from service.runtime.runtime import Forward, Runtime, ScoreResult
+    from service.runtime.scoring import COMPONENTS, Calibration
+
+# public name -> the submodule that defines it
+_WHERE = {
+    "Bundle": "bundle",
+    "load_bundle": "bundle",
+    "BundleError": "errors",
+    "InvalidInput": "errors",
+    "ModelNotReady": "errors",
+    "ResourceExhausted": "errors",
+    "ServiceError": "errors",
+    "ImageSpec": "preprocess",
+    "Forward": "runtime",
+    "Runtime": "runtime",
+    "ScoreResult": "runtime",
+    "COMPONENTS": "scoring",
+    "Calibration": "scoring",
+}
 
 __all__ = [
     "COMPONENTS",
@@ -30,3 +55,16 @@ __all__ = [
     "ServiceError",
     "load_bundle",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -359,19 +359,24 @@ class Runtime:
         return self._inpaint_originals(originals, full_masks, conversions)
 
     def repair(
-        self, images: Sequence[ImageLike] | np.ndarray, dilation: int = 1
+        self, images: Sequence[ImageLike] | np.ndarray, dilation: int = 1, scored: ScoreResult | None = None
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Inpaint each image where its anomaly map exceeds the calibrated map threshold.
 
         Returns (repaired images at input size, bool masks at input size). The masks follow
         the spec's geometry, so only pixels the model scored can change: never letterbox
-        padding, never the border that ``center_crop`` cuts away.
+        padding, never the border that ``center_crop`` cuts away. ``scored``: these images'
+        :meth:`score` result when already at hand (not scored again; its ``conversions`` say
+        which inputs were grey).
         """
         cal = self.bundle.calibration
         if cal is None:
             raise ModelNotReady("repair needs a calibrated bundle (no map threshold)")
         originals, conversions = self._originals(images)
-        res = self.score(originals)
+        if scored is None:
+            res = self.score(originals)
+        else:
+            res, conversions = scored, scored.conversions
         masks_small = dilate(res.anomaly_map > cal.map_threshold, dilation)
         masks = [
             mask_to_input(m, o.shape[0], o.shape[1], self.spec) for m, o in zip(masks_small, originals, strict=True)

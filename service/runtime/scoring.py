@@ -23,11 +23,14 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.runtime.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from service.runtime.preprocess import ImageSpec
 
 __all__ = [
     "ALL_COMPONENTS",
@@ -418,3 +421,13 @@ class Calibration:
             parts=parts or {},
             warnings=list(warnings or []),
         )
+
+
+def map_full_scale(spec: ImageSpec, calibration: Calibration | None = None) -> float:
+    """The anomaly-map value drawn as 255 in PNG maps: twice the calibrated map threshold when
+    the served map is made of local maps (:func:`combined_map`), else
+    the largest possible |x - x_hat|, max(1 / std)."""
+    if calibration is not None and any((calibration.map_weights or calibration.weights).get(k, 0.0) for k in LOCAL_COMPONENTS):
+        if math.isfinite(calibration.map_threshold) and calibration.map_threshold > 0:
+            return 2.0 * calibration.map_threshold
+    return float(max(1.0 / s for s in spec.std))

@@ -26,7 +26,8 @@ from service.runtime.preprocess import (
     match_channels,
     to_model_size,
 )
-from service.runtime.scoring import ALL_COMPONENTS, LOCAL_COMPONENTS, Calibration
+from service.runtime.scoring import ALL_COMPONENTS, Calibration
+from service.runtime.scoring import map_full_scale as full_scale
 from service.server.codec import array_to_png, array_to_tensor, tensor_to_array
 from service.server.config import ServiceConfig
 
@@ -219,16 +220,6 @@ def raw_model_batch(images: Sequence[pb.Image], spec: ImageSpec, limits: Limits)
             return None
         data.append(t.data)
     return np.frombuffer(b"".join(data), np.uint8).reshape(len(data), *shape)  # (N, H, W, C)
-
-
-def full_scale(spec: ImageSpec, calibration: Calibration | None = None) -> float:
-    """The anomaly-map value drawn as 255 in PNG maps: twice the calibrated map threshold when
-    the served map is made of local maps (:func:`~service.runtime.scoring.combined_map`), else
-    the largest possible |x - x_hat|, max(1 / std)."""
-    if calibration is not None and any((calibration.map_weights or calibration.weights).get(k, 0.0) for k in LOCAL_COMPONENTS):
-        if math.isfinite(calibration.map_threshold) and calibration.map_threshold > 0:
-            return 2.0 * calibration.map_threshold
-    return float(max(1.0 / s for s in spec.std))
 
 
 def _picture(arr: np.ndarray, fmt: int) -> pb.Image:
