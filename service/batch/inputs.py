@@ -18,7 +18,7 @@ common parent folder. Ids use ``/`` whatever the platform, and must be unique.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -100,8 +100,9 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Image files under ``root``, sorted, links followed, each directory once."""
+def _walk(root: Path, images_only: bool = True, max_depth: int | None = None) -> Iterator[Path]:
+    """Files under ``root`` (image files only, by default), sorted, hidden names skipped,
+    links followed, each directory once; ``max_depth`` folders deep at most (None: all)."""
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = Path(dirpath).stat()
@@ -110,30 +111,51 @@ def _walk(root: Path) -> Iterator[Path]:
             dirnames[:] = []
             continue
         seen.add(key)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        depth = len(Path(dirpath).relative_to(root).parts)
+        deeper = max_depth is None or depth < max_depth
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if deeper else []
         for name in sorted(filenames):
-            if _is_image(name):
+            if _is_image(name) if images_only else not name.startswith("."):
                 yield Path(dirpath) / name
 
 
-def _glob_root(pattern: str) -> Path:
-    """The longest leading part of a glob without wildcards: the ids' root."""
+def _glob_root(pattern: str) -> tuple[Path, list[str]]:
+    """(the longest leading folder of a glob without wildcards: the ids' root, the rest of the
+    pattern as path parts)."""
     parts = Path(pattern).parts
-    fixed: list[str] = []
-    for part in parts[:-1]:
-        if any(c in _MAGIC for c in part):
-            break
-        fixed.append(part)
-    return Path(*fixed) if fixed else Path()
+    k = 0
+    while k < len(parts) - 1 and not any(c in _MAGIC for c in parts[k]):
+        k += 1
+    return (Path(*parts[:k]) if k else Path()), list(parts[k:])
+
+
+def _match(pattern: list[str], path: tuple[str, ...]) -> bool:
+    """Does a relative path match a glob's parts? ``**`` spans zero or more folders; ``*``,
+    ``?`` and ``[...]`` stay within one name and match a leading dot only when written."""
+    if not pattern:
+        return not path
+    head = pattern[0]
+    if head == "**":
+        return _match(pattern[1:], path) or (bool(path) and _match(pattern, path[1:]))
+    if not path or (path[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(path[0], head) and _match(pattern[1:], path[1:])
 
 
 def _from_glob(pattern: str) -> list[Item]:
-    root = _glob_root(pattern)
-    found = glob.glob(pattern, recursive=True)  # noqa: PTH207 - a user pattern, ** included
-    matches = sorted(p for p in found if Path(p).is_file())
+    """The files a glob matches, found by a walk of its root that is safe from link loops
+    (Python's own recursive glob follows a loop until the path is too long)."""
+    root, rest = _glob_root(pattern)
+    matches = []
+    if root.is_dir():
+        depth = None if "**" in rest else len(rest) - 1
+        for p in _walk(root, images_only=False, max_depth=depth):
+            rel = p.relative_to(root)
+            if _match(rest, rel.parts):
+                matches.append(Item(rel.as_posix(), str(p)))
     if not matches:
         raise InputError(f"INPUT {pattern}: the pattern matches no file")
-    return [Item(_rel(Path(p), root), p) for p in matches]
+    return sorted(matches, key=lambda it: it.id)
 
 
 def _from_list(path: Path, reserved: set[str]) -> list[Item]:
