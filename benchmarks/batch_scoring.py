@@ -383,17 +383,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     speed = [r for r in rows if "ratio" in r]
     memory = [r for r in rows if r["setting"].startswith("mnist28")]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    x = np.arange(len(speed))
-    a.bar(x - 0.2, [r["job_images_per_s"] for r in speed], 0.4, label="vaegan score (wall)")
-    a.bar(x + 0.2, [r["bare_images_per_s"] for r in speed], 0.4, label="bare ONNX Runtime")
-    for i, r in enumerate(speed):
-        a.text(i, max(r["job_images_per_s"], r["bare_images_per_s"]), f"ratio {r['ratio']:.2f}",
-               ha="center", va="bottom")
-    a.set_xticks(x, [f"{r['setting']}\n{r['images']:,} images" for r in speed])
-    a.set_ylabel("images/s")
-    a.set_title("throughput (median of repeats)")
-    a.legend(loc="lower right")
+    fig, axes = plt.subplots(1, len(speed) + 1, figsize=(4 * (len(speed) + 1), 4))
+    for a, r in zip(axes, speed, strict=False):  # one panel per setting: their scales differ
+        values = [r["job_images_per_s"], r["job_own_images_per_s"], r["bare_images_per_s"]]
+        a.bar([0, 1, 2], values, color=["C0", "C9", "C1"])
+        for i, v in enumerate(values):
+            a.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+        a.set_xticks([0, 1, 2], ["job (wall)", "job (own rate)", "bare ORT"])
+        a.set_ylabel("images/s")
+        a.set_title(f"{r['setting']}, {r['images']:,} images\nratio {r['ratio']:.2f} (own rate {r['ratio_job_rate']:.2f})")
+    b = axes[-1]
     x = np.arange(len(memory))
     b.bar(x - 0.2, [r["peak_rss_tree_mib"] for r in memory], 0.4, label="process tree")
     b.bar(x + 0.2, [r["peak_rss_main_mib"] for r in memory], 0.4, label="main process")

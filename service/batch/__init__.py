@@ -6,12 +6,33 @@
 
 Decoding runs in worker processes, scoring in process (the same runtime the server runs) or on a
 ``vaegan serve`` server; output goes to crash-safe Parquet part files, so a killed job resumes
-where it stopped. Needs pyarrow (the ``batch`` extra).
+where it stopped. Needs pyarrow (the ``batch`` extra). Names are imported on first use, so a
+decode worker (``service.batch.decode``) loads neither pyarrow nor ONNX Runtime.
 """
 
-from service.batch.inputs import IMAGE_EXTENSIONS, InputError, Item, resolve_inputs, shard_of
-from service.batch.score import score_files
-from service.batch.table import BASE_COLUMNS, merge_tables, output_schema, read_table
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from service.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from service.batch.inputs import IMAGE_EXTENSIONS, InputError, Item, resolve_inputs, shard_of
+    from service.batch.score import score_files
+    from service.batch.table import BASE_COLUMNS, merge_tables, output_schema, read_table
+
+_WHERE = {
+    "IMAGE_EXTENSIONS": "inputs",
+    "InputError": "inputs",
+    "Item": "inputs",
+    "resolve_inputs": "inputs",
+    "shard_of": "inputs",
+    "score_files": "score",
+    "BASE_COLUMNS": "table",
+    "merge_tables": "table",
+    "output_schema": "table",
+    "read_table": "table",
+}
 
 __all__ = [
     "BASE_COLUMNS",
@@ -25,3 +46,6 @@ __all__ = [
     "score_files",
     "shard_of",
 ]
+
+
+__getattr__ = lazy_attributes(__name__, _WHERE)

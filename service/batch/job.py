@@ -165,6 +165,15 @@ def _write_pictures(cfg: JobConfig, items: Sequence[Item], ok: list[int], result
                 _save_png(picture_path(root, items[ok[j]].id), pic)
 
 
+def _outside_outputs(items: list[Item], cfg: JobConfig) -> list[Item]:
+    """The inputs, less any file inside this job's own picture or report folders (a folder
+    scored twice must not pick up the maps the first run wrote into it)."""
+    own = [d.resolve() for d in (cfg.maps_dir, cfg.repaired_dir, cfg.report_dir) if d is not None]
+    if not own:
+        return items
+    return [it for it in items if not any(Path(it.path).resolve().is_relative_to(d) for d in own)]
+
+
 def run_job(cfg: JobConfig, scorer: Scorer) -> JobSummary:
     """Run one job (one shard) to its finished output; see :class:`JobConfig`."""
     t0 = time.monotonic()
@@ -177,7 +186,7 @@ def run_job(cfg: JobConfig, scorer: Scorer) -> JobSummary:
     if scorer.max_batch and batch_size > scorer.max_batch:
         logger.info("--batch-size %d is more than the server takes per request; using %d", batch_size, scorer.max_batch)
         batch_size = scorer.max_batch
-    items = resolve_inputs(cfg.inputs, reserved=[n for n, _ in BASE_COLUMNS])
+    items = _outside_outputs(resolve_inputs(cfg.inputs, reserved=[n for n, _ in BASE_COLUMNS]), cfg)
     schema = output_schema(_extra_fields(items))
     mine = items if cfg.num_shards == 1 else [it for it in items if shard_of(it.id, cfg.num_shards) == cfg.shard_index]
     out = shard_path(cfg.out, cfg.shard_index, cfg.num_shards)

@@ -43,3 +43,31 @@ def test_bundle_loads_in_a_process_that_blocks_torch(tiny_bundle: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "bool"]
+
+
+def test_batch_scoring_runs_where_torch_cannot_load(tiny_bundle: Path, tmp_path: Path) -> None:
+    """`vaegan score --model` in a process that blocks torch; its decode workers import neither
+    ONNX Runtime nor onnx (they start small and fast)."""
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (i * 60, 90, 120)).save(tmp_path / f"{i}.png")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import service.batch.decode\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'onnx', 'grpc', 'pyarrow'))\n"
+        "assert not heavy, heavy\n"
+        "from vaegan.cli import main\n"
+        f"code = main(['score', {str(tmp_path)!r}, '--model', {str(tiny_bundle)!r}, '--out', "
+        f"{str(tmp_path / 'o.jsonl')!r}, '--workers', '1', '--no-progress'])\n"
+        "print('exit', code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "exit 0"
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
