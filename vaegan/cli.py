@@ -465,8 +465,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                                                   "shard writes OUT with .shard-IIIII-of-NNNNN before its extension")
     p.add_argument("--report", type=Path, metavar="DIR", help="write summary.json, histogram.png and top_k.png here")
     p.add_argument("--top-k", type=int, default=16, help="images in the report's top-k grid (default 16)")
-    p.add_argument("--part-rows", type=int, default=10_000,
-                   help="commit a part file every this many rows (default 10000): the most a kill can lose")
+    p.add_argument("--part-rows", type=int, default=2_000,
+                   help="commit a part file every this many rows (default 2000): the most a kill can lose")
     p.add_argument("--part-seconds", type=float, default=60.0, help="... or every this many seconds (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line every 30 s instead)")
     m = p.add_argument_group("--model options")
@@ -537,7 +537,7 @@ def _scorer(a: argparse.Namespace, weights: dict[str, float] | None):  # noqa: A
         from service.batch.score import LocalScorer
         from service.runtime import Runtime
 
-        rt = Runtime.load(a.model, providers=a.providers, intra_op_threads=a.threads, spin=False)
+        rt = Runtime.load(a.model, providers=a.providers, intra_op_threads=a.threads)
         if weights or a.threshold is not None:  # refuse bad weights now, not on the first batch
             if rt.bundle.calibration is None and weights:
                 raise CliError("--weights needs a calibrated bundle")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +81,23 @@ def decode_chunk(paths: list[str], spec: ImageSpec, keep_originals: bool = False
     return Decoded(n, ok, batch[:k], sizes[:k], conversions, errors, originals)
 
 
+def _exit_with(job_pid: int) -> None:
+    """Worker initializer: a watchdog thread that ends this worker once the job process is gone,
+    so a job killed outright (SIGKILL) leaves no decoder running."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(job_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # alive, owned by someone else: cannot happen for our parent
+                pass
+
+    threading.Thread(target=watch, name="vaegan-job-watchdog", daemon=True).start()
+
+
 class DecodePool:
     """Decode chunks of paths in ``workers`` processes (0: in this process), yielding
     :class:`Decoded` in the order the chunks were given, with at most ``window`` chunks in
@@ -97,7 +116,11 @@ class DecodePool:
         if self.workers > 0:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            if ctx.get_start_method() == "forkserver":
+                ctx.set_forkserver_preload([__name__])  # workers fork from a server that has this module
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_exit_with, initargs=(os.getpid(),)
+            )
 
     def map(self, chunks: Iterable[list[str]]) -> Iterator[Decoded]:
         if self._executor is None:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
@@ -40,19 +41,20 @@ IMAGE_EXTENSIONS = frozenset(
 )
 LIST_FORMATS = (".txt", ".csv", ".jsonl", ".parquet")
 _MAGIC = frozenset("*?[")
+NO_EXTRA: Mapping[str, Any] = MappingProxyType({})  # the extra columns of an image named outside a list
 
 
 class InputError(ValueError):
     """An INPUT argument that cannot be used (a usage error: exit code 2)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One image to score: its id (unique), its path, and the columns its list carried."""
 
     id: str
     path: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=lambda: NO_EXTRA)  # shared, never copied
 
 
 def shard_of(image_id: str, num_shards: int) -> int:
@@ -81,7 +83,7 @@ def resolve_inputs(inputs: Sequence[str], reserved: Iterable[str] = ()) -> list[
             items.extend(_from_glob(arg))
         elif Path(arg).is_dir():
             root = Path(arg)
-            items.extend(Item(_rel(p, root), str(p)) for p in _walk(root))
+            items.extend(Item(rel, path) for rel, path in _walk(root))
         elif Path(arg).is_file():
             files.append(Path(arg))
         else:
@@ -97,26 +99,40 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _is_image(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path, images_only: bool = True, max_depth: int | None = None) -> Iterator[Path]:
-    """Files under ``root`` (image files only, by default), sorted, hidden names skipped,
-    links followed, each directory once; ``max_depth`` folders deep at most (None: all)."""
+def _walk(root: Path, images_only: bool = True, max_depth: int | None = None) -> Iterator[tuple[str, str]]:
+    """(id relative to ``root``, path) of the files under ``root`` (image files only, by
+    default), sorted by name in each folder, hidden names skipped, links followed, each folder
+    once; ``max_depth`` folders deep at most (None: all). Strings and ``os.scandir`` only: a
+    folder of a million files is listed at a few microseconds per file."""
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = Path(dirpath).stat()
-        key = (st.st_dev, st.st_ino)
-        if key in seen:  # reached again through a link: a loop or a second path
-            dirnames[:] = []
+    stack: list[tuple[str, str, int]] = [(str(root), "", 0)]  # (folder path, its id prefix, depth)
+    while stack:
+        folder, prefix, depth = stack.pop()
+        try:
+            st = os.stat(folder)  # noqa: PTH116 - strings on purpose: speed
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # vanished or unreadable: nothing to score there
             continue
-        seen.add(key)
-        depth = len(Path(dirpath).relative_to(root).parts)
-        deeper = max_depth is None or depth < max_depth
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if deeper else []
-        for name in sorted(filenames):
-            if _is_image(name) if images_only else not name.startswith("."):
-                yield Path(dirpath) / name
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a second path
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subfolders = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:
+                continue
+            if is_dir:
+                if max_depth is None or depth < max_depth:
+                    subfolders.append((e.path, f"{prefix}{e.name}/", depth + 1))
+            elif not images_only or _is_image(e.name):
+                yield f"{prefix}{e.name}", e.path
+        stack.extend(reversed(subfolders))
 
 
 def _glob_root(pattern: str) -> tuple[Path, list[str]]:
@@ -149,10 +165,9 @@ def _from_glob(pattern: str) -> list[Item]:
     matches = []
     if root.is_dir():
         depth = None if "**" in rest else len(rest) - 1
-        for p in _walk(root, images_only=False, max_depth=depth):
-            rel = p.relative_to(root)
-            if _match(rest, rel.parts):
-                matches.append(Item(rel.as_posix(), str(p)))
+        for rel, path in _walk(root, images_only=False, max_depth=depth):
+            if _match(rest, tuple(rel.split("/"))):
+                matches.append(Item(rel, path))
     if not matches:
         raise InputError(f"INPUT {pattern}: the pattern matches no file")
     return sorted(matches, key=lambda it: it.id)

@@ -51,7 +51,7 @@ class JobConfig:
     num_shards: int = 1
     report_dir: Path | None = None
     top_k: int = 16
-    part_rows: int = 10_000
+    part_rows: int = 2_000
     part_seconds: float = 60.0
     progress: bool | None = None  # None: a bar on a terminal, a log line every log_seconds otherwise
     log_seconds: float = 30.0
@@ -119,7 +119,7 @@ class Progress:
             sys.stderr.flush()
 
 
-def _extra_fields(items: Sequence[Item]) -> list[pa.Field]:
+def _extra_fields(items: list[Item]) -> list[pa.Field]:
     """The columns lists carried, typed from all their values (text when all are null)."""
     names: dict[str, None] = {}
     for it in items:
@@ -130,10 +130,10 @@ def _extra_fields(items: Sequence[Item]) -> list[pa.Field]:
         try:
             typ = pa.array(values).type
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            typ = pa.string()
-            for it in items:
+            typ = pa.string()  # mixed types: carried as text
+            for i, it in enumerate(items):
                 if it.extra.get(name) is not None:
-                    it.extra[name] = str(it.extra[name])
+                    items[i] = Item(it.id, it.path, {**it.extra, name: str(it.extra[name])})
         fields.append(pa.field(name, pa.string() if pa.types.is_null(typ) else typ))
     return fields
 

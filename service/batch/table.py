@@ -201,7 +201,7 @@ class PartStore:
         *,
         resume: bool = False,
         overwrite: bool = False,
-        part_rows: int = 10_000,
+        part_rows: int = 2_000,
         part_seconds: float = 60.0,
     ) -> None:
         check_format(out)

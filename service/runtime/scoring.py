@@ -81,8 +81,10 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
         p = np.pad(out, pad, mode="reflect")
         n = out.shape[axis]
         acc = np.zeros_like(out)
+        window: list[slice] = [slice(None)] * 3
         for j, kj in enumerate(k.astype(np.float32)):
-            acc += kj * np.take(p, np.arange(j, j + n), axis=axis)
+            window[axis] = slice(j, j + n)
+            acc += kj * p[tuple(window)]  # a view: no copy per tap
         out = acc
     return out
 
@@ -98,7 +100,7 @@ def local_maps(
     residual = anomaly_map(x, x_hat) if residual is None else residual
     out = {"pixel_local": gaussian_blur(residual, sigma)}
     if patch is not None:
-        out["disc_local"] = gaussian_blur(softplus(-patch[:, 0]).astype(np.float32), sigma)
+        out["disc_local"] = gaussian_blur(np.logaddexp(np.float32(0.0), -patch[:, 0], dtype=np.float32), sigma)
     return out
 
 

@@ -378,6 +378,28 @@ def test_part_store_recovers_from_every_leftover_state(tmp_path: Path) -> None:
     assert pq.read_table(out).column("id").to_pylist() == ["a", "b", "c", "d", "e", "f", "g"]
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _readable(path: Path) -> bool:
     try:
         read_table(path)
@@ -407,8 +429,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, tiny_b
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "the job finished before it could be killed"
+        helpers = _descendants(proc.pid)  # the decode worker and the forkserver
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        gone_by = time.monotonic() + 15
+        while any(_alive(p) for p in helpers) and time.monotonic() < gone_by:
+            time.sleep(0.1)
+        assert not [p for p in helpers if _alive(p)], "the killed job left processes behind"
         # nothing torn: every committed part reads back whole; no final file yet
         committed = sorted(parts.glob("part-*.parquet"))
         assert len(committed) >= kill_after_parts
