@@ -1,19 +1,30 @@
-"""Writes a complete bundle: the three graphs, then manifest.json with checksums."""
+"""Writes a complete bundle: the three graphs, their composed pipeline, then manifest.json with
+checksums."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from export.onnx_export import IR_VERSION, OPSET, PARITY_TOLERANCE, export_graphs
 from models import VAEGAN
-from service.runtime.bundle import FORMAT_VERSION, graph_signatures, write_manifest
+from service.runtime.bundle import (
+    FORMAT_VERSION,
+    GRAPHS,
+    PIPELINE,
+    graph_signatures,
+    write_manifest,
+)
+from service.runtime.compose import compose_pipeline
 from service.runtime.preprocess import ImageSpec
 from service.runtime.scoring import Calibration
 
-__all__ = ["build_manifest", "git_revision", "write_bundle"]
+__all__ = ["build_manifest", "git_revision", "write_bundle", "write_pipeline"]
+
+logger = logging.getLogger(__name__)
 
 
 def git_revision() -> str | None:
@@ -26,6 +37,21 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def write_pipeline(out_dir: Path, spec: ImageSpec) -> bool:
+    """Compose the three exported graphs into ``pipeline.onnx`` (uint8 images in, normalization
+    inside; see service.runtime.compose), so that serving loads one graph and never imports
+    onnx. False, with a warning, when they cannot be composed (the runtime then runs three)."""
+    paths = [out_dir / GRAPHS[g] for g in ("encoder", "generator", "discriminator")]
+    try:
+        model = compose_pipeline(*paths, mean=spec.mean, std=spec.std)
+    except ValueError as e:
+        logger.warning("%s: no composed pipeline graph (%s); the runtime will run the three graphs", out_dir, e)
+        (out_dir / PIPELINE).unlink(missing_ok=True)
+        return False
+    (out_dir / PIPELINE).write_bytes(model)
+    return True
 
 
 def build_manifest(
@@ -73,6 +99,7 @@ def write_bundle(
     """Export the graphs (parity-checked) and write the manifest. Returns the manifest."""
     out_dir = Path(out_dir)
     parity = export_graphs(model, spec, out_dir)
+    write_pipeline(out_dir, spec)
     training = dict(training or {})
     training.setdefault("git_revision", git_revision())
     manifest = build_manifest(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.runtime import Calibration, Runtime
-from service.runtime.bundle import GRAPHS, load_bundle, write_manifest
+from service.runtime.bundle import bundle_files, load_bundle, write_manifest
 from service.runtime.preprocess import denormalize
 from service.runtime.scoring import (
     anomaly_map,
@@ -157,7 +157,7 @@ def calibrate_bundle(
         import shutil
 
         dest.mkdir(parents=True, exist_ok=True)
-        for f in GRAPHS.values():
+        for f in bundle_files(bundle.path):
             shutil.copy2(bundle.path / f, dest / f)
     write_manifest(dest, manifest)
     logger.info(

@@ -561,6 +561,7 @@ def _cmd_score(a: argparse.Namespace) -> int:
         import pyarrow  # noqa: F401
     except ModuleNotFoundError:
         raise CliError("vaegan score needs pyarrow: pip install 'vaegan[batch]'") from None
+    from service.batch.decode import DecodeWorkerDied
     from service.batch.job import JobConfig, run_job
     from service.batch.table import OutputError
     from service.client import OutlierClientError
@@ -583,6 +584,9 @@ def _cmd_score(a: argparse.Namespace) -> int:
         summary = run_job(cfg, scorer)
     except OutputError as e:
         raise CliError(str(e)) from None
+    except DecodeWorkerDied as e:
+        print(f"vaegan score: error: {e}", file=sys.stderr)
+        return 1
     except OutlierClientError as e:
         print(f"vaegan score: error: the server failed mid-job ({e.code.name}: {e.details}); the parts written "
               "so far are kept: run the same command with --resume to go on", file=sys.stderr)
@@ -616,7 +620,7 @@ def _cmd_score_merge(a: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC service and /metrics")
     try:
-        from service.server.main import add_serve_arguments
+        from service.server.config import add_serve_arguments
     except ImportError:  # the server package is not installed in this build
         p.set_defaults(func=lambda a: _fail("the gRPC server is not available in this installation"))
         return

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,11 @@ import numpy as np
 from service.runtime.errors import InvalidInput
 from service.runtime.preprocess import ImageSpec, decode_image, match_channels, to_model_size
 
-__all__ = ["DecodePool", "Decoded", "decode_chunk", "default_workers"]
+__all__ = ["DecodePool", "DecodeWorkerDied", "Decoded", "decode_chunk", "default_workers"]
+
+
+class DecodeWorkerDied(RuntimeError):
+    """A decode worker process ended abruptly (killed, out of memory, a crash in a decoder)."""
 
 
 @dataclass
@@ -98,6 +103,16 @@ def _exit_with(job_pid: int) -> None:
     threading.Thread(target=watch, name="vaegan-job-watchdog", daemon=True).start()
 
 
+def _result(future: Future[Decoded]) -> Decoded:
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise DecodeWorkerDied(
+            f"a decode worker process died ({e}); what was committed is kept: run again with --resume, "
+            "and with --workers 0 if it happens again (decoding in the job's own process)"
+        ) from e
+
+
 class DecodePool:
     """Decode chunks of paths in ``workers`` processes (0: in this process), yielding
     :class:`Decoded` in the order the chunks were given, with at most ``window`` chunks in
@@ -132,9 +147,9 @@ class DecodePool:
             for chunk in chunks:
                 pending.append(self._executor.submit(decode_chunk, chunk, self.spec, self.keep_originals))
                 if len(pending) >= self.window:
-                    yield pending.popleft().result()
+                    yield _result(pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield _result(pending.popleft())
         finally:
             for f in pending:
                 f.cancel()

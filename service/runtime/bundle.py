@@ -20,7 +20,9 @@ from service.runtime.scoring import Calibration
 __all__ = [
     "FORMAT_VERSION",
     "GRAPHS",
+    "PIPELINE",
     "Bundle",
+    "bundle_files",
     "calibration_digest",
     "graph_signatures",
     "load_bundle",
@@ -38,6 +40,15 @@ GRAPHS = {
     "generator": "generator.onnx",
     "discriminator": "discriminator.onnx",
 }
+# optional: the three graphs composed into one at export (service.runtime.compose); bundles
+# without it are composed at load time
+PIPELINE = "pipeline.onnx"
+
+
+def bundle_files(bundle_dir: Path) -> list[str]:
+    """The graph files of a bundle directory: the three graphs, and the composed pipeline when
+    it is there."""
+    return [*GRAPHS.values(), *([PIPELINE] if (Path(bundle_dir) / PIPELINE).is_file() else [])]
 
 
 def graph_signatures(spec: ImageSpec, latent_dim: int, feature_dim: int, patch_head: bool = False) -> dict[str, Any]:
@@ -78,7 +89,7 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]
     manifest.json. Returns it."""
     bundle_dir = Path(bundle_dir)
     manifest = dict(manifest)
-    manifest["files"] = {f: sha256_file(bundle_dir / f) for f in GRAPHS.values()}
+    manifest["files"] = {f: sha256_file(bundle_dir / f) for f in bundle_files(bundle_dir)}
     manifest["files"][CALIBRATION_KEY] = calibration_digest(manifest.get("calibration"))
     tmp = bundle_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
@@ -137,6 +148,12 @@ class Bundle:
     def graph_path(self, graph: str) -> Path:
         return self.path / GRAPHS[graph]
 
+    @property
+    def pipeline_path(self) -> Path | None:
+        """The composed pipeline graph written at export (verified like the others), or None
+        for a bundle without one (composed at load time)."""
+        return self.path / PIPELINE if PIPELINE in self.manifest.get("files", {}) else None
+
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and verify a bundle; :class:`BundleError` names the file and the failed check."""
@@ -156,7 +173,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         files = dict(manifest["files"])
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{mpath}: missing or invalid field ({e})") from e
-    for fname in GRAPHS.values():
+    for fname in [*GRAPHS.values(), *([PIPELINE] if PIPELINE in files else [])]:
         f = root / fname
         if fname not in files:
             raise BundleError(f"{mpath}: no sha256 entry for {fname}")

@@ -1,4 +1,5 @@
-"""The scoring pipeline as one ONNX graph, composed at load time from the bundle's three graphs.
+"""The scoring pipeline as one ONNX graph, composed from the bundle's three graphs: at export
+(the bundle's ``pipeline.onnx``) or, for bundles written before that, at load time.
 
     images[N,H,W,C] uint8 -> x = transpose((images / 255 - mean) / std)[N,C,H,W]
     x -> encoder -> mu -> generator -> x_hat[N,C,H,W]
@@ -14,8 +15,9 @@ raw uint8 images (normalization included, the same float32 operations in the sam
 :func:`service.runtime.preprocess.normalize`) instead of numpy and three calls cuts those
 waits to one.
 
-The bundle itself is unchanged (its contract is the three graphs, each checked by sha256 and
-signature before this runs); the composed graph exists only in memory.
+The bundle's contract stays the three graphs; ``pipeline.onnx`` is derived from them and
+checked by sha256 like them. Loading it needs no ``onnx`` import (about a second of start-up);
+composing needs it.
 """
 
 from __future__ import annotations

@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from service.runtime.bundle import GRAPHS, Bundle, load_bundle
-from service.runtime.compose import compose_pipeline
 from service.runtime.errors import InvalidInput, ModelNotReady
 from service.runtime.inpaint import (
     border_offset,
@@ -181,17 +179,25 @@ class Runtime:
     def _compose(
         self, sigs: dict[str, Any], providers: list[str], intra_op_threads: int, spin: bool
     ) -> Graph | None:
-        e, g, d = (self.bundle.graph_path(name) for name in GRAPHS)
+        """The composed pipeline: the bundle's ``pipeline.onnx`` (written at export), or for an
+        older bundle the three graphs composed now (this imports onnx, about a second)."""
         s = self.spec
-        try:
-            model = compose_pipeline(e, g, d, mean=s.mean, std=s.std)
-        except (ValueError, onnx.checker.ValidationError) as err:  # still correct, just slower
-            logger.warning("serving the three graphs separately: cannot compose them (%s)", err)
-            return None
         signature = {
             "inputs": {"images": [None, s.height, s.width, s.channels]},
             "outputs": {**sigs["encoder"]["inputs"], **sigs["generator"]["outputs"], **sigs["discriminator"]["outputs"]},
         }
+        if self.bundle.pipeline_path is not None:
+            return Graph(self.bundle.pipeline_path, signature, providers, intra_op_threads, spin)
+        import onnx
+
+        from service.runtime import compose
+
+        e, g, d = (self.bundle.graph_path(name) for name in GRAPHS)
+        try:
+            model = compose.compose_pipeline(e, g, d, mean=s.mean, std=s.std)
+        except (ValueError, onnx.checker.ValidationError) as err:  # still correct, just slower
+            logger.warning("serving the three graphs separately: cannot compose them (%s)", err)
+            return None
         where = self.bundle.path / "(encoder+generator+discriminator)"
         return Graph(where, signature, providers, intra_op_threads, spin, model=model)
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from service.batch import BASE_COLUMNS, read_table, resolve_inputs, score_files, shard_of
-from service.batch.decode import DecodePool
+from service.batch.decode import DecodePool, DecodeWorkerDied
 from service.batch.inputs import InputError
 from service.batch.table import PartStore, output_schema
 from service.runtime import Runtime
@@ -158,6 +158,17 @@ def test_decode_pool_keeps_order_and_a_bounded_window(tmp_path: Path) -> None:
     direct = [np.asarray(Image.open(p).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)) for p in paths[:4]]
     assert seen[0].batch.shape == (4, 16, 16, 3)
     assert np.abs(seen[0].batch.astype(int) - np.stack(direct)).max() <= 1
+
+
+def test_a_decode_worker_that_dies_is_a_clear_error(tmp_path: Path) -> None:
+    paths = [str(p) for p in _write_images(tmp_path, 8)]
+    with DecodePool(ImageSpec(3, 16, 16), workers=1) as pool:
+        stream = pool.map(iter([paths] * 40))
+        assert next(stream).n == 8
+        for pid in list(pool._executor._processes):  # noqa: SLF001 - kill the real worker
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(DecodeWorkerDied, match="--resume"):
+            list(stream)
 
 
 # ---- the command ------------------------------------------------------------------------------

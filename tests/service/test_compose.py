@@ -3,15 +3,22 @@ the three graphs, one ORT call."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.runtime import Runtime
-from service.runtime import runtime as runtime_module
+from service.runtime import BundleError, Runtime, load_bundle
+from service.runtime import compose as compose_module
+from service.runtime.bundle import PIPELINE, sha256_file, write_manifest
 from service.runtime.compose import compose_pipeline
 from service.runtime.preprocess import normalize
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +82,59 @@ def test_pipeline_refuses_a_channel_count_the_encoder_does_not_take(runtime: Run
         compose_pipeline(*paths, mean=[0.5], std=[0.5])
 
 
+def _without_pipeline(bundle: Path, dest: Path) -> Path:
+    """A copy of ``bundle`` as written before export composed the pipeline."""
+    shutil.copytree(bundle, dest)
+    (dest / PIPELINE).unlink()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    del manifest["files"][PIPELINE]
+    write_manifest(dest, manifest)
+    return dest
+
+
+def test_export_writes_the_pipeline_and_loading_it_imports_no_onnx(tiny_bundle: Path, runtime: Runtime) -> None:
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["files"][PIPELINE] == sha256_file(tiny_bundle / PIPELINE)
+    assert runtime.bundle.pipeline_path == tiny_bundle / PIPELINE
+    code = (
+        "import sys\n"
+        "from service.runtime import Runtime\n"
+        f"rt = Runtime.load({str(tiny_bundle)!r}, providers='cpu')\n"
+        "assert rt.pipeline is not None\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnx'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_bundle_without_the_pipeline_is_composed_at_load(tiny_bundle: Path, runtime: Runtime, tmp_path: Path) -> None:
+    old = Runtime.load(_without_pipeline(tiny_bundle, tmp_path / "old"), providers="cpu")
+    assert old.bundle.pipeline_path is None and old.pipeline is not None
+    images = _batch(runtime, 5)
+    a, b = runtime.forward_images(images), old.forward_images(images)
+    for name in ("x_hat", "logit", "feat_x", "feat_xhat", "patch"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_a_tampered_pipeline_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    data = bytearray((bad / PIPELINE).read_bytes())
+    data[-1] ^= 1
+    (bad / PIPELINE).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="pipeline.onnx: sha256 mismatch"):
+        load_bundle(bad)
+
+
 def test_uncomposable_graphs_fall_back_to_three_calls(
-    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     def refuse(*paths: Path, **normalization: object) -> bytes:
         raise ValueError("the graphs use different opsets")
 
-    monkeypatch.setattr(runtime_module, "compose_pipeline", refuse)
-    rt = Runtime.load(tiny_bundle, providers="cpu")
+    monkeypatch.setattr(compose_module, "compose_pipeline", refuse)
+    rt = Runtime.load(_without_pipeline(tiny_bundle, tmp_path / "old"), providers="cpu")
     assert rt.pipeline is None
     assert "cannot compose" in caplog.text
     timings: dict[str, float] = {}
