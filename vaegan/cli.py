@@ -20,6 +20,11 @@ __all__ = ["main"]
 logger = logging.getLogger("vaegan")
 
 EXIT_USAGE = 2
+# a module the code imports -> the extra that installs it
+EXTRA_OF = {
+    "torch": "train", "torchvision": "train", "onnx": "train", "tqdm": "train", "tensorboard": "train",
+    "matplotlib": "train", "pyarrow": "batch",
+}
 
 # trainer.data.DATASETS and SPLITS, spelt out so that building the parser imports no trainer
 # module (vaegan serve runs without the training code); a test checks that they agree
@@ -557,10 +562,8 @@ def _scorer(a: argparse.Namespace, weights: dict[str, float] | None):  # noqa: A
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
-    try:
-        import pyarrow  # noqa: F401
-    except ModuleNotFoundError:
-        raise CliError("vaegan score needs pyarrow: pip install 'vaegan[batch]'") from None
+    import pyarrow  # noqa: F401 - without it: one line naming the batch extra (main)
+
     from service.batch.decode import DecodeWorkerDied
     from service.batch.job import JobConfig, run_job
     from service.batch.table import OutputError
@@ -685,6 +688,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, ServiceError, FileNotFoundError, ValueError) as e:
         logger.debug("%s failed", args.command, exc_info=True)
         print(f"vaegan {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRA_OF:
+            raise
+        logger.debug("%s failed", args.command, exc_info=True)
+        print(f"vaegan {args.command}: error: this command needs {top}, which this installation lacks: "
+              f"pip install 'vaegan[{EXTRA_OF[top]}]'", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -46,7 +46,7 @@ from service.runtime.preprocess import (
     to_model_size,
 )
 from service.runtime.scoring import anomaly_map, combined_map, local_maps, raw_components
-from service.runtime.session import Graph, resolve_providers
+from service.runtime.session import Graph, check_provider_started, resolve_providers
 
 __all__ = ["Forward", "Runtime", "ScoreResult"]
 
@@ -167,6 +167,7 @@ class Runtime:
             g: Graph(bundle.graph_path(g), sigs[g], chosen, intra_op_threads, spin) for g in GRAPHS
         }
         self.providers = self.graphs["encoder"].providers
+        check_provider_started(providers, chosen, self.providers)
         # E -> G -> D as one graph for forward() (service.runtime.compose); None: three calls
         self.pipeline: Graph | None = None
         if fuse:
@@ -188,9 +189,17 @@ class Runtime:
         }
         if self.bundle.pipeline_path is not None:
             return Graph(self.bundle.pipeline_path, signature, providers, intra_op_threads, spin)
-        import onnx
+        try:
+            import onnx
 
-        from service.runtime import compose
+            from service.runtime import compose
+        except ModuleNotFoundError:  # a serving-only install: onnx comes with the train extra
+            logger.warning(
+                "%s has no pipeline.onnx (written by export since this version) and onnx is not installed "
+                "to compose one: serving the three graphs one by one (slower; re-export the bundle, or "
+                "pip install onnx)", self.bundle.path,
+            )
+            return None
 
         e, g, d = (self.bundle.graph_path(name) for name in GRAPHS)
         try:

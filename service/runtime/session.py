@@ -12,7 +12,9 @@ import onnxruntime as ort
 
 from service.runtime.errors import BundleError
 
-__all__ = ["PROVIDER_ALIASES", "Graph", "cuda_driver_present", "resolve_providers"]
+__all__ = ["PROVIDER_ALIASES", "Graph", "check_provider_started", "cuda_driver_present", "resolve_providers"]
+
+GPU_INSTALL = "pip install 'vaegan[gpu]' (see the README's GPU install)"
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +45,63 @@ def resolve_providers(choice: str) -> list[str]:
     available = ort.get_available_providers()
     if choice == "auto":
         if "CUDAExecutionProvider" in available and cuda_driver_present():
+            _preload_cuda_libraries()
             return PROVIDER_ALIASES["cuda"]
         return PROVIDER_ALIASES["cpu"]
     if choice not in PROVIDER_ALIASES:
         raise ValueError(f"providers must be auto, cpu, cuda or tensorrt, got {choice!r}")
     wanted = PROVIDER_ALIASES[choice]
     if wanted[0] not in available:
-        raise ValueError(f"{wanted[0]} is not in this onnxruntime build (has {available})")
+        raise ValueError(f"--providers {choice}: {_why_no_gpu_build(wanted[0])}")
+    if choice != "cpu":
+        if not cuda_driver_present():
+            raise ValueError(f"--providers {choice}: no NVIDIA driver on this machine (libcuda.so.1 does not load)")
+        _preload_cuda_libraries()
     return wanted
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _why_no_gpu_build(provider: str) -> str:
+    """Why ``provider`` is not in the onnxruntime that Python imported, and the fix."""
+    if _installed("onnxruntime-gpu") and _installed("onnxruntime"):
+        return (f"{provider} is missing because both onnxruntime (CPU) and onnxruntime-gpu are installed and the "
+                "CPU build's files won; keep only the GPU one: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                "pip install 'onnxruntime-gpu[cuda,cudnn]==" + ort.__version__ + "'")
+    return f"{provider} is not in this onnxruntime build (the CPU one); {GPU_INSTALL}"
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the NVIDIA wheels of the gpu extra, where they are installed, so
+    ONNX Runtime finds them without LD_LIBRARY_PATH (system libraries work too)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as e:  # noqa: BLE001 - best effort: the session start reports what is missing
+        logger.debug("onnxruntime.preload_dlls(): %s", e)
+
+
+def check_provider_started(choice: str, wanted: list[str], started: list[str]) -> None:
+    """An explicit ``cuda``/``tensorrt`` that ONNX Runtime could not start (it falls back to
+    the CPU with errors in its own log) is an error; ``auto`` falling back is logged."""
+    if started and started[0] == wanted[0]:
+        return
+    if choice.lower() in ("cuda", "tensorrt"):
+        raise ValueError(
+            f"--providers {choice.lower()}: ONNX Runtime could not start {wanted[0]} and fell back to "
+            f"{started[0] if started else 'nothing'} (CUDA or cuDNN libraries missing or mismatched: {GPU_INSTALL})"
+        )
+    logger.warning("%s could not start; running on %s", wanted[0], started[0] if started else "nothing")
 
 
 class Graph:
