@@ -9,6 +9,7 @@ never at import time.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -62,8 +63,17 @@ class ServiceConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_delay_ms < 0 or self.grace_seconds < 0:
-            raise ValueError("max_delay_ms and grace_seconds must be >= 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535 (0 = ephemeral), got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in -1..65535 (0 = ephemeral, -1 = off), got {self.metrics_port}")
+        bounded = {"max_delay_ms": 60_000.0, "grace_seconds": 3600.0, "switch_interval_ms": 1000.0}
+        for name, top in bounded.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= top):  # NaN hung every Score; inf killed the batcher
+                raise ValueError(f"{name} must be a number in 0..{top:g}, got {value}")
+        if self.ready_file is not None:
+            _check_writable(Path(self.ready_file), "ready_file")
         if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
             raise ValueError(f"providers must be auto, cpu, cuda or tensorrt, got {self.providers!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -85,6 +95,18 @@ class ServiceConfig:
     def decode_threads(self) -> int:
         """Worker threads for CPU work other than ONNX Runtime."""
         return self.decode_workers or max(2, min(8, os.cpu_count() or 2))
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """``path`` can be created or replaced: its folder exists and is writable, and it is not a
+    folder itself."""
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory")
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: the folder {folder} is not writable")
 
 
 def env_name(flag: str) -> str:

@@ -40,6 +40,8 @@ async def serve_until_signal(config: ServiceConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (a closed terminal, a config-reload habit) must never kill a serving process
+    loop.add_signal_handler(signal.SIGHUP, lambda: logger.info("SIGHUP: ignored (send SIGTERM to stop)"))
     server = OutlierServer(config)
     try:
         ports = await server.start()
@@ -49,7 +51,12 @@ async def serve_until_signal(config: ServiceConfig) -> int:
         await server.stop(0)
         return EXIT_BAD_SETUP
     if config.ready_file is not None:
-        _write_ready_file(config.ready_file, ports)
+        try:
+            _write_ready_file(config.ready_file, ports)
+        except OSError as e:
+            logger.error("cannot write --ready-file %s: %s", config.ready_file, e)
+            await server.stop(0)
+            return EXIT_BAD_SETUP
     await stop.wait()
     logger.info("shutting down: NOT_SERVING, draining in-flight calls for up to %.1f s", config.grace_seconds)
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the process at once

@@ -1,0 +1,97 @@
+"""Settings that used to break a serving process while health said SERVING: refused at start in
+one line (exit 2); SIGHUP never kills the server; an unwritable --ready-file exits instead of
+hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.server.config import ServiceConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _serve(tiny_bundle: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1",
+            "--port", "0", "--metrics-port", "-1", "--providers", "cpu", *flags]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("port", 99999, "port must be in 0..65535"),  # was served on 99999 - 65536 = 34463
+        ("metrics_port", 70000, "metrics_port must be in -1..65535"),
+        ("max_delay_ms", float("nan"), "max_delay_ms must be a number"),  # every Score hung
+        ("max_delay_ms", float("inf"), "max_delay_ms must be a number"),  # the batcher thread died
+        ("grace_seconds", float("inf"), "grace_seconds must be a number"),
+        ("switch_interval_ms", float("nan"), "switch_interval_ms must be a number"),
+        ("ready_file", Path("/nonexistent-folder/ready.json"), "does not exist"),
+    ],
+)
+def test_impossible_settings_are_refused_naming_the_field(field: str, value: object, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        ServiceConfig(model=Path("m"), **{field: value})
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--port", "99999"], "port must be in 0..65535"),
+        (["--max-delay-ms", "nan"], "max_delay_ms must be a number"),
+        (["--max-delay-ms", "inf"], "max_delay_ms must be a number"),
+        (["--ready-file", "/nonexistent-folder/ready.json"], "does not exist"),
+    ],
+)
+def test_bad_settings_exit_2_in_one_line_before_loading(tiny_bundle: Path, flags: list[str], needle: str) -> None:
+    out = subprocess.run(_serve(tiny_bundle, *flags), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_ready_file_that_cannot_be_written_ends_the_process(tiny_bundle: Path) -> None:
+    """/proc exists (so the settings pass) but no file can be created there: exit 2, not a
+    process that runs on without ever saying it is ready."""
+    out = subprocess.run(_serve(tiny_bundle, "--ready-file", "/proc/vaegan-ready.json"), cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "cannot write --ready-file /proc/vaegan-ready.json" in out.stderr
+
+
+def test_sighup_is_ignored_and_sigterm_still_drains(tiny_bundle: Path, tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(_serve(tiny_bundle, "--ready-file", str(ready)), cwd=REPO, env=_env(),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.05)
+        port = json.loads(ready.read_text())["port"]
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None, "SIGHUP killed the server"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "SIGHUP: ignored" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
