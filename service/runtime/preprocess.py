@@ -40,6 +40,7 @@ from service.runtime.errors import InvalidInput
 
 __all__ = [
     "CONVERSIONS",
+    "DEFAULT_IMAGE_FORMATS",
     "GREY_MODES",
     "LEGACY_RESIZE",
     "RESIZE_POLICIES",
@@ -72,6 +73,9 @@ RESIZE_POLICIES = ("letterbox", "resize", "center_crop")
 LEGACY_RESIZE = "center_crop"
 # how an image's channels were matched to the model's: as is, grey copied to RGB, RGB to luma
 CONVERSIONS = ("", "grey->rgb", "rgb->grey")
+# the image formats a server decodes by default (Pillow format names): common, well-fuzzed decoders
+# only, never EPS (Ghostscript), PDF or the long tail of Pillow's ~40 plugins
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 # Pillow modes that decode to a grey (H, W) array (palette images: when all colours are grey)
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
@@ -135,35 +139,49 @@ class ImageSpec:
 
 
 # ---- decoding ---------------------------------------------------------------------------
-def decode_image(src: ImageLike, where: str = "image") -> np.ndarray:
+def decode_image(src: ImageLike, where: str = "image", formats: Sequence[str] | None = None) -> np.ndarray:
     """Any supported input -> uint8 array (H, W) or (H, W, 3). ``where`` names it in errors.
 
     See the module docstring for how modes, bit depths, alpha and EXIF orientation are read.
+    ``formats``: the Pillow format names accepted for bytes and files (None: all Pillow has).
+    Any decoder failure is an :class:`InvalidInput` naming the image (Pillow's plugins raise
+    many unrelated types); only a decompression bomb passes through as Pillow's own error.
     """
     if isinstance(src, np.ndarray):
         arr = src
     elif isinstance(src, Image.Image):
-        try:
-            arr = _pil_to_array(src)
-        except (OSError, ValueError) as e:
-            raise InvalidInput(f"{where}: cannot decode image ({e})") from e
+        arr = _decoded(lambda: _pil_to_array(src), f"{where}: cannot decode image")
     elif isinstance(src, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(src))) as im:
-                arr = _pil_to_array(im)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InvalidInput(f"{where}: cannot decode image bytes ({e})") from e
+        arr = _decoded(lambda: _open_array(io.BytesIO(bytes(src)), formats), f"{where}: cannot decode image bytes", formats)
     elif isinstance(src, (str, Path)):
-        try:
-            with Image.open(src) as im:
-                arr = _pil_to_array(im)
-        except FileNotFoundError as e:
-            raise InvalidInput(f"{where}: no such file {src}") from e
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InvalidInput(f"{where}: cannot decode {src} ({e})") from e
+        if not Path(src).exists():
+            raise InvalidInput(f"{where}: no such file {src}")
+        arr = _decoded(lambda: _open_array(src, formats), f"{where}: cannot decode {src}", formats)
     else:
         raise InvalidInput(f"{where}: unsupported image type {type(src).__name__}")
     return _check_array(arr, where)
+
+
+def _open_array(fp: Any, formats: Sequence[str] | None) -> np.ndarray:
+    with Image.open(fp, formats=None if formats is None else list(formats)) as im:
+        return _pil_to_array(im)
+
+
+def _decoded(read: Any, message: str, formats: Sequence[str] | None = None) -> np.ndarray:
+    """Run a decode, turning every decoder failure into one InvalidInput."""
+    try:
+        arr: np.ndarray = read()
+        return arr
+    except Image.DecompressionBombError:
+        raise
+    except UnidentifiedImageError as e:
+        if formats is not None:
+            raise InvalidInput(f"{message} (not an image in an accepted format: {', '.join(formats)})") from e
+        raise InvalidInput(f"{message} ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InvalidInput(f"{message} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - plugins raise NotImplementedError, struct.error, ...
+        raise InvalidInput(f"{message} ({type(e).__name__}: {e})") from e
 
 
 def _upright(im: Image.Image) -> Image.Image:

@@ -47,6 +47,8 @@ class ServiceConfig:
     grace_seconds: float = 10.0  # on SIGTERM: time for in-flight requests to finish
     log_level: str = "INFO"
     log_format: str = "text"  # text | json
+    # Pillow format names accepted in encoded images, comma-separated; "all": every format Pillow has
+    image_formats: str = "png,jpeg,bmp,tiff,webp"
     ready_file: Path | None = None  # once SERVING, write {"port": .., "metrics_port": ..} here
     tls_cert_file: Path | None = None  # PEM certificate chain: serve TLS (with tls_key_file)
     tls_key_file: Path | None = None  # PEM private key
@@ -74,6 +76,26 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be a number in 0..{top:g}, got {value}")
         if self.ready_file is not None:
             _check_writable(Path(self.ready_file), "ready_file")
+        _ = self.formats  # refuse unknown names now
+
+    @property
+    def formats(self) -> tuple[str, ...] | None:
+        """``image_formats`` as Pillow format names (None: all)."""
+        text = self.image_formats.strip().lower()
+        if text == "all":
+            return None
+        from PIL import Image
+
+        Image.init()
+        known = {name.lower(): name for name in Image.OPEN}
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known and n != "jpg"]
+        if unknown or not names:
+            raise ValueError(
+                f"image_formats: {', '.join(unknown) or 'none given'} not known to Pillow "
+                f"(known: {', '.join(sorted(known))}, or all)"
+            )
+        return tuple(known["jpeg" if n == "jpg" else n] for n in names)
         if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
             raise ValueError(f"providers must be auto, cpu, cuda or tensorrt, got {self.providers!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -166,6 +188,8 @@ def add_serve_arguments(
     add("--log-level", str, d.log_level, "default %(default)s",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add("--log-format", str, d.log_format, "default %(default)s", choices=["text", "json"])
+    add("--image-formats", str, d.image_formats,
+        "formats accepted in encoded images, comma-separated Pillow names, or all; default %(default)s")
     add("--ready-file", Path, None, "write the bound ports as JSON here once SERVING")
     add("--tls-cert-file", Path, None, "PEM certificate chain; with --tls-key-file serves TLS")
     add("--tls-key-file", Path, None, "PEM private key for --tls-cert-file")

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from protos.vaegan.v1 import outlier_service_pb2 as pb
 from service.runtime import InvalidInput, ResourceExhausted, Runtime, ScoreResult
 from service.runtime.preprocess import (
+    DEFAULT_IMAGE_FORMATS,
     ImageSpec,
     Prepared,
     decode_image,
@@ -55,6 +56,7 @@ class Limits:
 
     max_images: int
     max_pixels: int
+    formats: tuple[str, ...] | None = DEFAULT_IMAGE_FORMATS  # Pillow format names; None: all
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,23 @@ class ScoreOptions:
         return self.anomaly_map or self.reconstruction or self.repaired
 
 
+MAX_ID_BYTES = 256  # longer image ids are refused: they are echoed into logs and errors
+
+
 def name_image(i: int, image_id: str, what: str = "image") -> str:
-    """How errors name an image: ``image 3 (id 'cat.png')``."""
-    return f"{what} {i} (id {image_id!r})" if image_id else f"{what} {i}"
+    """How errors name an image: ``image 3 (id 'cat.png')``; a long id is cut to 64 characters."""
+    if not image_id:
+        return f"{what} {i}"
+    shown = image_id if len(image_id) <= 64 else image_id[:61] + "..."
+    return f"{what} {i} (id {shown!r})"
+
+
+def check_ids(images: Sequence[pb.Image], what: str = "image") -> None:
+    """Every image id at most :data:`MAX_ID_BYTES` bytes (UTF-8)."""
+    for i, img in enumerate(images):
+        size = len(img.id.encode("utf-8"))
+        if size > MAX_ID_BYTES:
+            raise InvalidInput(f"{name_image(i, img.id, what)}: the id is {size} bytes; at most {MAX_ID_BYTES}")
 
 
 def _format(fmt: int, where: str) -> int:
@@ -143,22 +159,27 @@ def _decode_one(img: pb.Image, where: str, limits: Limits) -> np.ndarray:
             raise InvalidInput(f"{where}: {e}") from e
         return decode_image(arr, where)
     if kind == "encoded":
+        formats = None if limits.formats is None else list(limits.formats)
         try:
-            with Image.open(io.BytesIO(img.encoded)) as im:
+            with Image.open(io.BytesIO(img.encoded), formats=formats) as im:
                 _check_pixels(im.height, im.width, where, limits)
                 return decode_image(im, where)
         except Image.DecompressionBombError as e:
             raise ResourceExhausted(f"{where}: too many pixels ({e})") from e
         except UnidentifiedImageError as e:
-            raise InvalidInput(f"{where}: cannot decode image bytes (not a known image format)") from e
-        except (OSError, ValueError, SyntaxError) as e:  # Pillow's decode failures
-            raise InvalidInput(f"{where}: cannot decode image bytes ({e})") from e
+            accepted = "a known image format" if formats is None else f"one of the accepted formats: {', '.join(formats)}"
+            raise InvalidInput(f"{where}: cannot decode image bytes (not {accepted})") from e
+        except (InvalidInput, ResourceExhausted):
+            raise
+        except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many unrelated types
+            raise InvalidInput(f"{where}: cannot decode image bytes ({type(e).__name__}: {e})") from e
     raise InvalidInput(f"{where}: no image data (set encoded or tensor)")
 
 
 def decode_images(images: Sequence[pb.Image], limits: Limits, what: str = "image") -> list[np.ndarray]:
     """Decode every image at its own size: uint8 (H, W) or (H, W, 3) each."""
     check_count(len(images), limits, what + "s")
+    check_ids(images, what)
     return [_decode_one(img, name_image(i, img.id, what), limits) for i, img in enumerate(images)]
 
 

@@ -59,7 +59,7 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         self.config = config
         self.pool = pool
         self.metrics = metrics
-        self.limits = convert.Limits(config.max_images_per_request, config.max_image_pixels)
+        self.limits = convert.Limits(config.max_images_per_request, config.max_image_pixels, config.formats)
         self._model: LoadedModel | None = None
 
     def attach(self, model: LoadedModel | None) -> None:
@@ -104,6 +104,7 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             if opts.repaired and model.runtime.bundle.calibration is None:
                 raise InvalidInput("options.return_repaired needs a calibrated model")
             convert.check_count(len(request.images), self.limits)
+            convert.check_ids(request.images)
             originals, prepared = await self._inputs(request, model.runtime, opts)
             scored = await model.batcher.infer(prepared.batch)
             if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_MAX:
@@ -169,6 +170,7 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
     async def Inpaint(self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext) -> pb.InpaintResponse:
         model = self._ready()
         convert.check_count(len(request.images), self.limits)
+        convert.check_ids(request.images)
         response = await self._in_pool(self._inpaint, request, model.runtime)
         self.metrics.images.labels("Inpaint").inc(len(request.images))
         return response

@@ -1,0 +1,109 @@
+"""Hostile inputs that used to come back INTERNAL or reach exotic decoders: a format allow-list,
+every decoder failure INVALID_ARGUMENT naming the image, capped ids."""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from protos.vaegan.v1 import outlier_service_pb2 as pb
+from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from service.runtime import InvalidInput, Runtime
+from service.runtime.preprocess import DEFAULT_IMAGE_FORMATS, decode_image
+from service.server.config import ServiceConfig
+from service.server.testing import ServerThread
+
+
+def encoded(fmt: str, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (32, 32), 90 if mode == "L" else (90, 100, 110)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def dds_with_unknown_pixel_format() -> bytes:
+    """A DDS header whose FourCC Pillow does not implement: it raises NotImplementedError."""
+    hdr = bytearray(124)
+    struct.pack_into("<IIIIIII", hdr, 0, 124, 0x1007, 4, 4, 0, 0, 0)
+    struct.pack_into("<II4s", hdr, 72, 32, 0x4, b"XYZW")
+    return b"DDS " + bytes(hdr) + b"\0" * 64
+
+
+@pytest.fixture(scope="module")
+def stubs(tiny_bundle: Path) -> Iterator[dict[str, pb_grpc.OutlierServiceStub]]:
+    """A default server and one that accepts every format Pillow has."""
+    rt = Runtime.load(tiny_bundle, providers="cpu")
+    base = {"model": tiny_bundle, "host": "127.0.0.1", "port": 0, "metrics_port": -1, "max_delay_ms": 1.0}
+    with ServerThread(ServiceConfig(**base), rt) as default, \
+            ServerThread(ServiceConfig(**base, image_formats="all"), rt) as everything, \
+            grpc.insecure_channel(default.target) as c1, grpc.insecure_channel(everything.target) as c2:
+        yield {"default": pb_grpc.OutlierServiceStub(c1), "all": pb_grpc.OutlierServiceStub(c2)}
+
+
+def _score(stub: pb_grpc.OutlierServiceStub, data: bytes, image_id: str = "x") -> pb.ScoreResponse:
+    return stub.Score(pb.ScoreRequest(images=[pb.Image(id=image_id, encoded=data)]), timeout=30)
+
+
+def _code(stub: pb_grpc.OutlierServiceStub, data: bytes, image_id: str = "x") -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        _score(stub, data, image_id)
+    return err.value.code(), err.value.details() or ""
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP"])
+def test_the_default_formats_are_served(stubs, fmt: str) -> None:
+    assert len(_score(stubs["default"], encoded(fmt)).results) == 1
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "EPS", "PCX", "TGA"])
+def test_other_formats_are_refused_by_default_naming_the_accepted_ones(stubs, fmt: str) -> None:
+    code, details = _code(stubs["default"], encoded(fmt, "L" if fmt == "EPS" else "RGB"), image_id="odd")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 0 (id 'odd')" in details and "accepted formats: PNG, JPEG, BMP, TIFF, WEBP" in details
+
+
+def test_all_formats_when_asked(stubs) -> None:
+    assert len(_score(stubs["all"], encoded("GIF")).results) == 1
+
+
+def test_a_decoder_that_raises_an_unusual_type_is_invalid_argument(stubs) -> None:
+    """Pillow's DDS plugin raises NotImplementedError: it was INTERNAL; the server keeps serving."""
+    code, details = _code(stubs["all"], dds_with_unknown_pixel_format(), image_id="tex.dds")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tex.dds" in details and "NotImplementedError" in details
+    assert len(_score(stubs["all"], encoded("PNG")).results) == 1
+
+
+def test_long_ids_are_refused_and_never_echoed_whole(stubs) -> None:
+    long_id = "a" * (1 << 20)
+    code, details = _code(stubs["default"], encoded("PNG"), image_id=long_id)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 256" in details and len(details) < 300
+    # raw tensors skip decoding: the id is still checked
+    raw = pb.Image(id=long_id, tensor=pb.Tensor(shape=[32, 32, 3], dtype=pb.DTYPE_UINT8, data=bytes(32 * 32 * 3)))
+    with pytest.raises(grpc.RpcError) as err:
+        stubs["default"].Score(pb.ScoreRequest(images=[raw]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(_score(stubs["default"], encoded("PNG"), image_id="b" * 256).results) == 1  # 256 bytes pass
+
+
+def test_decode_image_turns_every_decoder_failure_into_invalid_input(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="NotImplementedError"):
+        decode_image(dds_with_unknown_pixel_format(), where="image 3")
+    with pytest.raises(InvalidInput, match="accepted format"):
+        decode_image(encoded("GIF"), formats=DEFAULT_IMAGE_FORMATS)
+    assert decode_image(encoded("GIF")).shape == (32, 32, 3)  # the library default: every format
+
+
+def test_unknown_format_names_are_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="image_formats: foo not known to Pillow"):
+        ServiceConfig(model=Path("m"), image_formats="png,foo")
+    assert ServiceConfig(model=Path("m"), image_formats="PNG, jpg").formats == ("PNG", "JPEG")
+    assert ServiceConfig(model=Path("m"), image_formats="all").formats is None
+    np.testing.assert_equal(ServiceConfig(model=Path("m")).formats, DEFAULT_IMAGE_FORMATS)
