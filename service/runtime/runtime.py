@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -301,6 +302,8 @@ class Runtime:
         local = local_maps(fwd.x, fwd.x_hat, fwd.patch, residual)
         comps = raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit, fwd.patch, local)
         cal = self.bundle.calibration
+        if threshold is not None and not math.isfinite(threshold):
+            raise InvalidInput(f"threshold must be a finite number, got {threshold}")
         amap = combined_map(local, residual, cal, weights)
         if cal is None:  # uncalibrated bundle: the raw pixel error, no decision
             if weights:
@@ -312,6 +315,12 @@ class Runtime:
             score = cal.combine(comps, weights)
             thr = cal.threshold(weights) if threshold is None else float(threshold)
             tail = cal.tail_probability(score, weights)
+        bad = np.flatnonzero(~np.isfinite(score))
+        if len(bad) or math.isnan(thr):  # never a NaN verdict: a fault (INTERNAL), not an answer
+            raise RuntimeError(
+                f"non-finite score for image {int(bad[0]) if len(bad) else 0} of the batch "
+                f"(threshold {thr}): the model produced NaN or inf; refusing to answer"
+            )
         recon = denormalize(fwd.x_hat, self.spec) if with_reconstruction else None
         return ScoreResult(score, score > thr, tail, thr, comps, amap, recon, spec=self.spec)
 

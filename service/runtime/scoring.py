@@ -54,6 +54,7 @@ COMPONENTS = ("pixel", "feature", "disc")  # in every calibration and every resp
 LOCAL_COMPONENTS = ("pixel_local", "disc_local")  # maxima of smoothed maps
 ALL_COMPONENTS = COMPONENTS + LOCAL_COMPONENTS
 _WARNED_CAPPED: set[tuple[int, float]] = set()
+MAX_WEIGHT = 1e6  # largest |weight| a request may set: scores stay far from float overflow
 MAX_STORED_SAMPLES = 4096  # calibration samples kept in the manifest (uniform subsample beyond)
 
 
@@ -293,6 +294,9 @@ class Calibration:
             bad = sorted(k for k, v in weights.items() if not math.isfinite(float(v)))
             if bad:
                 raise InvalidInput(f"score weights must be finite; got {bad[0]}={weights[bad[0]]}")
+            huge = sorted(k for k, v in weights.items() if abs(float(v)) > MAX_WEIGHT)
+            if huge:  # 1e308 overflowed the sum to inf and the threshold to NaN
+                raise InvalidInput(f"score weights must be within +-{MAX_WEIGHT:g}; got {huge[0]}={weights[huge[0]]}")
             w.update({k: float(v) for k, v in weights.items()})
         return w
 

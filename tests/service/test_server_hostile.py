@@ -107,3 +107,21 @@ def test_unknown_format_names_are_refused_at_start() -> None:
     assert ServiceConfig(model=Path("m"), image_formats="PNG, jpg").formats == ("PNG", "JPEG")
     assert ServiceConfig(model=Path("m"), image_formats="all").formats is None
     np.testing.assert_equal(ServiceConfig(model=Path("m")).formats, DEFAULT_IMAGE_FORMATS)
+
+
+def test_huge_weights_are_refused_not_an_infinite_score(stubs, runtime: Runtime) -> None:
+    """Weights of 1e308 gave score inf and threshold NaN."""
+    request = pb.ScoreRequest(images=[pb.Image(id="x", encoded=encoded("PNG"))],
+                              options=pb.ScoreOptions(weights=pb.Components(pixel=1e308)))
+    with pytest.raises(grpc.RpcError) as err:
+        stubs["default"].Score(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "within +-1e+06" in (err.value.details() or "")
+    with pytest.raises(InvalidInput, match="threshold must be a finite number"):
+        runtime.score(np.zeros((1, 32, 32, 3), np.uint8), threshold=float("nan"))
+
+
+def test_a_nan_model_output_is_a_fault_not_a_verdict(runtime: Runtime) -> None:
+    fwd = runtime.forward_images(np.zeros((2, 32, 32, 3), np.uint8))
+    fwd.x_hat[1] = np.nan
+    with pytest.raises(RuntimeError, match="non-finite score for image 1"):
+        runtime.score_forward(fwd)
