@@ -185,13 +185,16 @@ class OutlierClient:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         load_balancing: str | None = "round_robin",
+        token: str | None = None,
         max_message_bytes: int = 64 << 20,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """``target``: ``host:port``, ``dns:///name:port`` or ``ipv4:a:p,b:p``; ``timeout``:
         default deadline per call in seconds (retries included); ``retries``: extra attempts
         after UNAVAILABLE; ``tls``: TLS with ``root_certificates`` (system roots when None) and
-        an optional client key/chain; ``load_balancing``: ``round_robin`` or ``pick_first``."""
+        an optional client key/chain (mutual TLS); ``load_balancing``: ``round_robin`` or
+        ``pick_first``; ``token``: a bearer token sent with every call (``--auth-tokens-file``)."""
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.target = target
         self.timeout = timeout
         self.retries = retries
@@ -270,7 +273,7 @@ class OutlierClient:
 
         rid = uuid.uuid4().hex[:16]
         stream = self._stub.ScoreStream(
-            requests(), timeout=timeout or self.timeout, metadata=(("x-request-id", rid),)
+            requests(), timeout=timeout or self.timeout, metadata=(("x-request-id", rid), *self._auth)
         )
         try:
             for response in stream:
@@ -350,7 +353,7 @@ class OutlierClient:
             try:
                 if remaining <= 0:
                     raise OutlierClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", rid)
-                return rpc(request, timeout=remaining, metadata=(("x-request-id", rid),))
+                return rpc(request, timeout=remaining, metadata=(("x-request-id", rid), *self._auth))
             except grpc.RpcError as e:
                 code = e.code()
                 pause = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)

@@ -482,6 +482,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--tls-ca-file", type=Path, help="PEM root certificates to verify the server with (implies --tls)")
     r.add_argument("--tls-cert-file", type=Path, help="PEM client certificate chain (mutual TLS, with --tls-key-file)")
     r.add_argument("--tls-key-file", type=Path, help="PEM client private key")
+    r.add_argument("--token-file", type=Path, help="a file holding the bearer token the server asks for")
     r.add_argument("--timeout", type=float, help="deadline of the whole stream in seconds (default: none)")
     p.set_defaults(func=_cmd_score)
 
@@ -505,8 +506,8 @@ def _check_score_args(a: argparse.Namespace) -> None:
         raise CliError(f"--shard-index must be in 0..{a.num_shards - 1}, got {a.shard_index}")
     if (a.tls_cert_file is None) != (a.tls_key_file is None):
         raise CliError("--tls-cert-file and --tls-key-file go together")
-    if a.model is not None and (a.tls or a.tls_ca_file or a.tls_cert_file or a.timeout is not None):
-        raise CliError("--tls*, --timeout apply to --server only")
+    if a.model is not None and (a.tls or a.tls_ca_file or a.tls_cert_file or a.timeout is not None or a.token_file):
+        raise CliError("--tls*, --token-file, --timeout apply to --server only")
 
 
 def _score_weights(text: str | None) -> dict[str, float] | None:
@@ -557,6 +558,7 @@ def _scorer(a: argparse.Namespace, weights: dict[str, float] | None):  # noqa: A
         root_certificates=_read_pem(a.tls_ca_file, "--tls-ca-file"),
         private_key=_read_pem(a.tls_key_file, "--tls-key-file"),
         certificate_chain=_read_pem(a.tls_cert_file, "--tls-cert-file"),
+        token=(_read_pem(a.token_file, "--token-file") or b"").decode("utf-8").strip() or None,
     )
     return RemoteScorer(client, weights, a.threshold, timeout=a.timeout or 10 * 86400.0), client
 

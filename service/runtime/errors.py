@@ -10,8 +10,10 @@ __all__ = [
     "BundleError",
     "InvalidInput",
     "ModelNotReady",
+    "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
+    "Unauthenticated",
 ]
 
 
@@ -43,3 +45,15 @@ class BundleError(ServiceError):
     """A model bundle failed a check (missing file, checksum, shape, format version)."""
 
     status_name = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no valid credentials (a bearer token the server accepts)."""
+
+    status_name = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """The caller asked for something this server does not allow (e.g. weight overrides)."""
+
+    status_name = "PERMISSION_DENIED"

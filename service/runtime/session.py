@@ -18,6 +18,9 @@ GPU_INSTALL = "pip install 'vaegan[gpu]' (see the README's GPU install)"
 
 logger = logging.getLogger(__name__)
 
+if hasattr(ort, "disable_telemetry_events"):  # no usage events leave the machine (Windows builds send them)
+    ort.disable_telemetry_events()
+
 PROVIDER_ALIASES = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],

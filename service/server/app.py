@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 from service.runtime import Runtime
+from service.server.auth import TokenSet
 from service.server.batcher import DynamicBatcher
 from service.server.config import ServiceConfig
 from service.server.interceptor import InstrumentedServicer
@@ -79,15 +80,19 @@ class OutlierServer:
         self._health = health.aio.HealthServicer()
         for name in HEALTH_SERVICES:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        instrumented = InstrumentedServicer(self.servicer, SERVICE, self.metrics)
+        tokens = TokenSet.load(cfg.auth_tokens_file) if cfg.auth_tokens_file is not None else None
+        instrumented = InstrumentedServicer(self.servicer, SERVICE, self.metrics, tokens)
         pb_grpc.add_OutlierServiceServicer_to_server(instrumented, server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         if cfg.tls_cert_file is not None and cfg.tls_key_file is not None:
+            client_ca = cfg.tls_client_ca_file.read_bytes() if cfg.tls_client_ca_file is not None else None
             creds = grpc.ssl_server_credentials(
-                [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())]
+                [(cfg.tls_key_file.read_bytes(), cfg.tls_cert_file.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
             )
             port = server.add_secure_port(cfg.address, creds)
         else:

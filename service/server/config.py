@@ -28,7 +28,8 @@ class ServiceConfig:
     model: Path  # bundle directory, or a model repository (highest version is served)
     host: str = "[::]"  # gRPC bind address
     port: int = 50051  # gRPC port; 0 = ephemeral (the bound port is reported)
-    metrics_host: str = "0.0.0.0"  # Prometheus /metrics bind address
+    # Prometheus /metrics bind address: loopback unless asked (a pod sets 0.0.0.0 for its scraper)
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090  # 0 = ephemeral, < 0 = no metrics endpoint
     providers: str = "auto"  # ONNX Runtime providers: auto | cpu | cuda | tensorrt
     intra_op_threads: int = 0  # threads per ONNX Runtime run; 0 = all cores but one (min 1)
@@ -40,7 +41,7 @@ class ServiceConfig:
     model_instances: int = 1  # merged batches that may run at once (executor threads for ORT)
     decode_workers: int = 0  # threads for decoding / pre- and post-processing; 0 = cores
     max_message_bytes: int = 64 * MIB  # gRPC receive and send limit
-    max_concurrent_rpcs: int = 0  # 0 = unlimited; above it new RPCs get RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 256  # 0 = unlimited; above it new RPCs get RESOURCE_EXHAUSTED
     max_images_per_request: int = 1024  # RESOURCE_EXHAUSTED above it
     max_image_pixels: int = 4096 * 4096  # height * width per image; RESOURCE_EXHAUSTED above
     stream_window: int = 4  # ScoreStream requests processed concurrently per stream
@@ -52,6 +53,9 @@ class ServiceConfig:
     ready_file: Path | None = None  # once SERVING, write {"port": .., "metrics_port": ..} here
     tls_cert_file: Path | None = None  # PEM certificate chain: serve TLS (with tls_key_file)
     tls_key_file: Path | None = None  # PEM private key
+    tls_client_ca_file: Path | None = None  # PEM CA: mutual TLS, every client must present a cert it signed
+    auth_tokens_file: Path | None = None  # SHA-256 digests of accepted bearer tokens (service.server.auth)
+    allow_overrides: bool = True  # requests may set their own weights and threshold
 
     def __post_init__(self) -> None:
         positive = (
@@ -76,6 +80,18 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be a number in 0..{top:g}, got {value}")
         if self.ready_file is not None:
             _check_writable(Path(self.ready_file), "ready_file")
+        if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ValueError(f"providers must be auto, cpu, cuda or tensorrt, got {self.providers!r}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path}: no such file")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         _ = self.formats  # refuse unknown names now
 
     @property
@@ -96,12 +112,6 @@ class ServiceConfig:
                 f"(known: {', '.join(sorted(known))}, or all)"
             )
         return tuple(known["jpeg" if n == "jpg" else n] for n in names)
-        if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
-            raise ValueError(f"providers must be auto, cpu, cuda or tensorrt, got {self.providers!r}")
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("tls_cert_file and tls_key_file go together")
-        if self.log_format not in ("text", "json"):
-            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
 
     @property
     def address(self) -> str:
@@ -193,6 +203,12 @@ def add_serve_arguments(
     add("--ready-file", Path, None, "write the bound ports as JSON here once SERVING")
     add("--tls-cert-file", Path, None, "PEM certificate chain; with --tls-key-file serves TLS")
     add("--tls-key-file", Path, None, "PEM private key for --tls-cert-file")
+    add("--tls-client-ca-file", Path, None, "PEM CA certificates: require client certificates signed by them (mTLS)")
+    add("--auth-tokens-file", Path, None,
+        "SHA-256 hex digests of accepted bearer tokens, one per line: vaegan.v1 calls need "
+        "'authorization: Bearer <token>' (health and reflection stay open)")
+    add("--allow-overrides", _bool, d.allow_overrides,
+        "requests may set their own weights and threshold (true/false); default %(default)s")
     return parser
 
 

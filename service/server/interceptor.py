@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from service.server.auth import TokenSet
 from service.server.errors import to_status
 from service.server.logs import new_request_id, request_id
 from service.server.metrics import ServerMetrics
@@ -96,8 +97,10 @@ class InstrumentedServicer:
     """``servicer``'s methods of ``service`` (a ServiceDescriptor), each wrapped once in a
     :class:`_Call`; register it in place of the servicer (``add_*Servicer_to_server``)."""
 
-    def __init__(self, servicer: object, service: Any, metrics: ServerMetrics) -> None:
+    def __init__(self, servicer: object, service: Any, metrics: ServerMetrics, tokens: TokenSet | None = None) -> None:
+        """``tokens``: every call must present one of them (:mod:`service.server.auth`)."""
         self.metrics = metrics
+        self.tokens = tokens
         for m in service.methods:
             behavior = getattr(servicer, m.name)
             if m.client_streaming and m.server_streaming:
@@ -111,6 +114,7 @@ class InstrumentedServicer:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             rid = _request_id(context.invocation_metadata())
             async with _Call(self.metrics, method, rid, context):
+                self._authenticate(context)
                 return await behavior(request, context)
 
         return wrapped
@@ -119,7 +123,12 @@ class InstrumentedServicer:
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             rid = _request_id(context.invocation_metadata())
             async with _Call(self.metrics, method, rid, context):
+                self._authenticate(context)
                 async for response in behavior(request_iterator, context):
                     yield response
 
         return wrapped
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self.tokens is not None:
+            self.tokens.check(context.invocation_metadata())

@@ -24,6 +24,7 @@ import numpy as np
 from protos.vaegan.v1 import outlier_service_pb2 as pb
 from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 from service.runtime import InvalidInput, ModelNotReady, Runtime, ServiceError
+from service.runtime.errors import PermissionDenied
 from service.runtime.preprocess import Prepared
 from service.server import convert
 from service.server.batcher import DynamicBatcher
@@ -101,6 +102,8 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         try:
             model = self._ready()
             opts = convert.score_options(request.options)
+            if not self.config.allow_overrides and (opts.weights is not None or opts.threshold is not None):
+                raise PermissionDenied("this server does not take per-request weights or thresholds (--allow-overrides false)")
             if opts.repaired and model.runtime.bundle.calibration is None:
                 raise InvalidInput("options.return_repaired needs a calibrated model")
             convert.check_count(len(request.images), self.limits)

@@ -1,0 +1,138 @@
+"""Mutual TLS, bearer tokens, override policy and safe defaults, with certificates made by
+openssl in the test and the real client."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import OutlierClient, OutlierClientError
+from service.runtime import Runtime
+from service.server.auth import TokenSet, hash_token
+from service.server.config import ServiceConfig
+from service.server.testing import ServerThread
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+IMAGE = np.full((32, 32, 3), 120, np.uint8)
+TOKEN = "s3cret-token-for-tests"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+             "-days", "1", "-subj", f"/CN={name}", cwd=d)
+
+
+def _signed(d: Path, name: str, ca: str, san: str | None = None) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN={name}", cwd=d)
+    extra: list[str] = []
+    if san:
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        extra = ["-extfile", f"{name}.ext"]
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-out", f"{name}.pem", "-days", "1", *extra, cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _signed(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
+    _signed(d, "client", "ca")
+    _signed(d, "rogue", "rogue-ca")
+    return d
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_bundle: Path) -> Runtime:
+    return Runtime.load(tiny_bundle, providers="cpu")
+
+
+def _client(srv: ServerThread, pki: Path | None = None, cert: str | None = None, **kw) -> OutlierClient:
+    if pki is None:
+        return OutlierClient(srv.target, timeout=10, retries=0, **kw)
+    key = (pki / f"{cert}.key").read_bytes() if cert else None
+    chain = (pki / f"{cert}.pem").read_bytes() if cert else None
+    return OutlierClient(srv.target, timeout=10, retries=0, root_certificates=(pki / "ca.pem").read_bytes(),
+                         private_key=key, certificate_chain=chain, **kw)
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tiny_bundle: Path, rt: Runtime, pki: Path) -> Iterator[ServerThread]:
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1, tls_cert_file=pki / "server.pem",
+                        tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.pem")
+    with ServerThread(cfg, rt) as srv:
+        yield srv
+
+
+def test_mtls_admits_only_clients_with_a_certificate_from_the_ca(mtls_server: ServerThread, pki: Path) -> None:
+    with _client(mtls_server, pki, "client") as c:
+        assert len(c.score(IMAGE[None])) == 1
+    for cert in (None, "rogue"):  # no client certificate; one from another CA
+        with _client(mtls_server, pki, cert) as c, pytest.raises(OutlierClientError) as err:
+            c.score(IMAGE[None])
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE, cert
+
+
+@pytest.fixture(scope="module")
+def token_server(tiny_bundle: Path, rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    d = tmp_path_factory.mktemp("tokens")
+    (d / "tokens.txt").write_text(f"# accepted tokens\nci: {hash_token(TOKEN)}\n{hash_token('another')}\n")
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1,
+                        auth_tokens_file=d / "tokens.txt", allow_overrides=False)
+    with ServerThread(cfg, rt) as srv:
+        yield srv
+
+
+def test_tokens_are_required_for_the_service_but_not_for_health(token_server: ServerThread, caplog) -> None:
+    for token in (None, "wrong"):
+        with _client(token_server, token=token) as c, pytest.raises(OutlierClientError) as err:
+            c.score(IMAGE[None])
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with _client(token_server, token=TOKEN) as c:
+        assert len(c.score(IMAGE[None])) == 1
+        assert c.model_info().name  # every vaegan.v1 method is covered
+    with grpc.insecure_channel(token_server.target) as ch:  # probes carry no token
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    registry = token_server.server.metrics.registry
+    assert registry.get_sample_value("vaegan_requests_total", {"method": "Score", "code": "UNAUTHENTICATED"}) == 2
+    assert TOKEN not in caplog.text and "wrong" not in caplog.text
+
+
+def test_overrides_can_be_forbidden(token_server: ServerThread) -> None:
+    with _client(token_server, token=TOKEN) as c:
+        for kw in ({"weights": {"disc": 0.0}}, {"threshold": 1.0}):
+            with pytest.raises(OutlierClientError) as err:
+                c.score(IMAGE[None], **kw)
+            assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "--allow-overrides" in err.value.details
+
+
+def test_tokens_file_format_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("not-a-digest\n")
+    with pytest.raises(ValueError, match="line 1 is not a SHA-256 hex digest"):
+        TokenSet.load(tmp_path / "t.txt")
+    (tmp_path / "e.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no token digests"):
+        TokenSet.load(tmp_path / "e.txt")
+
+
+def test_safe_defaults_and_settings_checks(tmp_path: Path) -> None:
+    d = ServiceConfig(model=Path("m"))
+    assert d.metrics_host == "127.0.0.1" and d.max_concurrent_rpcs > 0 and d.allow_overrides
+    with pytest.raises(ValueError, match="needs tls_cert_file"):
+        ServiceConfig(model=Path("m"), tls_client_ca_file=tmp_path / "ca.pem")
+    with pytest.raises(ValueError, match="auth_tokens_file .*: no such file"):
+        ServiceConfig(model=Path("m"), auth_tokens_file=tmp_path / "missing.txt")
