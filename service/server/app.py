@@ -24,12 +24,12 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from protos.vaegan.v1 import outlier_service_pb2 as pb
 from service.runtime import Runtime
 from service.server.auth import TokenSet
 from service.server.batcher import DynamicBatcher
 from service.server.config import ServiceConfig
-from service.server.interceptor import InstrumentedServicer
+from service.server.interceptor import InstrumentedServicer, add_to_server
 from service.server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
 from service.server.pipeline import BatchRunner, concat_scored
 from service.server.servicer import SERVICE, SERVICE_NAME, LoadedModel, OutlierServicer
@@ -82,7 +82,7 @@ class OutlierServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         tokens = TokenSet.load(cfg.auth_tokens_file) if cfg.auth_tokens_file is not None else None
         instrumented = InstrumentedServicer(self.servicer, SERVICE, self.metrics, tokens)
-        pb_grpc.add_OutlierServiceServicer_to_server(instrumented, server)  # type: ignore[arg-type]
+        add_to_server(instrumented, SERVICE, pb, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -87,11 +87,16 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         window: collections.deque[asyncio.Task[pb.ScoreResponse]] = collections.deque()
         try:
             seq = 0
-            async for request in request_iterator:
-                window.append(asyncio.ensure_future(self._score(request, "ScoreStream", seq)))
-                seq += 1
-                while len(window) >= self.config.stream_window or (window and window[0].done()):
+            try:
+                async for request in request_iterator:
+                    window.append(asyncio.ensure_future(self._score(request, "ScoreStream", seq)))
+                    seq += 1
+                    while len(window) >= self.config.stream_window or (window and window[0].done()):
+                        yield await window.popleft()
+            except ServiceError:  # a bad message mid-stream: answer those before it, then fail
+                while window:
                     yield await window.popleft()
+                raise
             while window:
                 yield await window.popleft()
         finally:

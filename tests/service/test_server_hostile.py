@@ -125,3 +125,33 @@ def test_a_nan_model_output_is_a_fault_not_a_verdict(runtime: Runtime) -> None:
     fwd.x_hat[1] = np.nan
     with pytest.raises(RuntimeError, match="non-finite score for image 1"):
         runtime.score_forward(fwd)
+
+
+def _raw(channel: grpc.Channel, method: str, streaming: bool = False):
+    """A call that sends bytes as they are (no protobuf serialization)."""
+    path = f"/vaegan.v1.OutlierService/{method}"
+    make = channel.stream_stream if streaming else channel.unary_unary
+    return make(path, request_serializer=lambda b: b, response_deserializer=pb.ScoreResponse.FromString)
+
+
+def test_malformed_protobuf_is_invalid_argument_and_counted(tiny_bundle: Path, runtime: Runtime) -> None:
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1, max_delay_ms=1.0)
+    garbage = b"\xff\xff\xff\xff"
+    with ServerThread(cfg, runtime) as srv, grpc.insecure_channel(srv.target) as ch:
+        for method in ("Score", "Inpaint", "GetModelInfo"):
+            with pytest.raises(grpc.RpcError) as err:
+                _raw(ch, method)(garbage, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "malformed vaegan.v1." in (err.value.details() or "")
+        # mid-stream: the results already computed arrive, then INVALID_ARGUMENT
+        good = pb.ScoreRequest(images=[pb.Image(id="g", encoded=encoded("PNG"))]).SerializeToString()
+        responses = _raw(ch, "ScoreStream", streaming=True)(iter([good, garbage]), timeout=30)
+        got = []
+        with pytest.raises(grpc.RpcError) as err:
+            for r in responses:
+                got.append(r)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [r.results[0].id for r in got] == ["g"]
+        registry = srv.server.metrics.registry
+        assert registry.get_sample_value("vaegan_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}) == 1
+        assert len(pb_grpc.OutlierServiceStub(ch).Score(pb.ScoreRequest(images=[pb.Image(encoded=encoded("PNG"))])).results) == 1
