@@ -44,6 +44,9 @@ class ServiceConfig:
     max_concurrent_rpcs: int = 256  # 0 = unlimited; above it new RPCs get RESOURCE_EXHAUSTED
     max_images_per_request: int = 1024  # RESOURCE_EXHAUSTED above it
     max_image_pixels: int = 4096 * 4096  # height * width per image; RESOURCE_EXHAUSTED above
+    # height * width of all images (and masks) of one request, from their headers before decoding:
+    # bounds a request's decoded originals (64 Mpx of RGB: 192 MiB)
+    max_request_pixels: int = 64 << 20
     stream_window: int = 4  # ScoreStream requests processed concurrently per stream
     grace_seconds: float = 10.0  # on SIGTERM: time for in-flight requests to finish
     log_level: str = "INFO"
@@ -60,7 +63,7 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         positive = (
             "max_batch_size", "model_instances", "max_message_bytes", "max_images_per_request",
-            "max_image_pixels", "stream_window",
+            "max_image_pixels", "max_request_pixels", "stream_window",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -193,6 +196,8 @@ def add_serve_arguments(
     add("--max-concurrent-rpcs", int, d.max_concurrent_rpcs, "0 = unlimited; default %(default)s")
     add("--max-images-per-request", int, d.max_images_per_request, "default %(default)s")
     add("--max-image-pixels", int, d.max_image_pixels, "height*width per image; default %(default)s")
+    add("--max-request-pixels", int, d.max_request_pixels,
+        "height*width of all images of one request, checked from headers before decoding; default %(default)s")
     add("--stream-window", int, d.stream_window, "ScoreStream requests in progress per stream")
     add("--grace-seconds", float, d.grace_seconds, "drain time on SIGTERM; default %(default)s")
     add("--log-level", str, d.log_level, "default %(default)s",

@@ -33,9 +33,12 @@ from service.server.codec import array_to_png, array_to_tensor, tensor_to_array
 from service.server.config import ServiceConfig
 
 __all__ = [
+    "MAX_ID_BYTES",
     "Limits",
+    "PixelBudget",
     "ScoreOptions",
     "check_count",
+    "check_ids",
     "decode_images",
     "decode_masks",
     "full_scale",
@@ -57,6 +60,24 @@ class Limits:
     max_images: int
     max_pixels: int
     formats: tuple[str, ...] | None = DEFAULT_IMAGE_FORMATS  # Pillow format names; None: all
+    max_request_pixels: int = 64 << 20  # decoded pixels of all images (and masks) of one request
+
+
+class PixelBudget:
+    """The pixels one request may still decode (``--max-request-pixels``), spent from each
+    image's header before it is decoded: a request's decoded originals never exceed it."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limit = limits.max_request_pixels
+        self.spent = 0
+
+    def spend(self, h: int, w: int, where: str) -> None:
+        self.spent += h * w
+        if self.spent > self.limit:
+            raise ResourceExhausted(
+                f"{where}: the request's images add up to more than {self.limit} pixels "
+                f"(--max-request-pixels); send fewer or smaller images per request"
+            )
 
 
 @dataclass(frozen=True)
@@ -139,20 +160,22 @@ def check_count(n: int, limits: Limits, what: str = "images") -> None:
         )
 
 
-def _check_pixels(h: int, w: int, where: str, limits: Limits) -> None:
+def _check_pixels(h: int, w: int, where: str, limits: Limits, budget: PixelBudget | None = None) -> None:
     if h * w > limits.max_pixels:
         raise ResourceExhausted(
             f"{where}: {h}x{w} = {h * w} pixels, the limit is {limits.max_pixels} (--max-image-pixels)"
         )
+    if budget is not None:
+        budget.spend(h, w, where)
 
 
-def _decode_one(img: pb.Image, where: str, limits: Limits) -> np.ndarray:
+def _decode_one(img: pb.Image, where: str, limits: Limits, budget: PixelBudget | None = None) -> np.ndarray:
     """One Image -> uint8 (H, W) or (H, W, 3) at its own size; size checked before decoding."""
     kind = img.WhichOneof("data")
     if kind == "tensor":
         shape = list(img.tensor.shape)
         if len(shape) in (2, 3) and min(shape) > 0:
-            _check_pixels(shape[0], shape[1], where, limits)
+            _check_pixels(shape[0], shape[1], where, limits, budget)
         try:
             arr = tensor_to_array(img.tensor)
         except ValueError as e:
@@ -162,7 +185,7 @@ def _decode_one(img: pb.Image, where: str, limits: Limits) -> np.ndarray:
         formats = None if limits.formats is None else list(limits.formats)
         try:
             with Image.open(io.BytesIO(img.encoded), formats=formats) as im:
-                _check_pixels(im.height, im.width, where, limits)
+                _check_pixels(im.height, im.width, where, limits, budget)
                 return decode_image(im, where)
         except Image.DecompressionBombError as e:
             raise ResourceExhausted(f"{where}: too many pixels ({e})") from e
@@ -176,15 +199,19 @@ def _decode_one(img: pb.Image, where: str, limits: Limits) -> np.ndarray:
     raise InvalidInput(f"{where}: no image data (set encoded or tensor)")
 
 
-def decode_images(images: Sequence[pb.Image], limits: Limits, what: str = "image") -> list[np.ndarray]:
+def decode_images(
+    images: Sequence[pb.Image], limits: Limits, what: str = "image", budget: PixelBudget | None = None
+) -> list[np.ndarray]:
     """Decode every image at its own size: uint8 (H, W) or (H, W, 3) each."""
     check_count(len(images), limits, what + "s")
     check_ids(images, what)
-    return [_decode_one(img, name_image(i, img.id, what), limits) for i, img in enumerate(images)]
+    budget = budget or PixelBudget(limits)
+    return [_decode_one(img, name_image(i, img.id, what), limits, budget) for i, img in enumerate(images)]
 
 
 def decode_masks(
-    masks: Sequence[pb.Image], images: Sequence[pb.Image], decoded: list[np.ndarray], limits: Limits
+    masks: Sequence[pb.Image], images: Sequence[pb.Image], decoded: list[np.ndarray], limits: Limits,
+    budget: PixelBudget | None = None,
 ) -> list[np.ndarray]:
     """Decode masks and check each against its image's (H, W)."""
     if len(masks) != len(images):
@@ -192,7 +219,7 @@ def decode_masks(
     out = []
     for i, (m, img, arr) in enumerate(zip(masks, images, decoded, strict=True)):
         where = name_image(i, img.id, "mask")
-        mask = _decode_one(m, where, limits)
+        mask = _decode_one(m, where, limits, budget)
         if mask.shape[:2] != arr.shape[:2]:
             raise InvalidInput(
                 f"{where}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "

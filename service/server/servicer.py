@@ -60,7 +60,9 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         self.config = config
         self.pool = pool
         self.metrics = metrics
-        self.limits = convert.Limits(config.max_images_per_request, config.max_image_pixels, config.formats)
+        self.limits = convert.Limits(
+            config.max_images_per_request, config.max_image_pixels, config.formats, config.max_request_pixels
+        )
         self._model: LoadedModel | None = None
 
     def attach(self, model: LoadedModel | None) -> None:
@@ -184,8 +186,9 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         return response
 
     def _inpaint(self, request: pb.InpaintRequest, rt: Runtime) -> pb.InpaintResponse:
-        images = convert.decode_images(request.images, self.limits)
-        masks = convert.decode_masks(request.masks, request.images, images, self.limits)
+        budget = convert.PixelBudget(self.limits)  # images and masks together
+        images = convert.decode_images(request.images, self.limits, budget=budget)
+        masks = convert.decode_masks(request.masks, request.images, images, self.limits, budget)
         filled = rt.inpaint(images, masks)
         return convert.inpaint_response([img.id for img in request.images], filled, request.image_format)
 

@@ -95,3 +95,50 @@ def test_sighup_is_ignored_and_sigterm_still_drains(tiny_bundle: Path, tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_request_of_many_huge_images_is_refused_within_its_pixel_budget(tiny_bundle: Path, tmp_path: Path) -> None:
+    """32 small PNGs that each declare 4096x4096 RGB peaked at 2.5 GiB and took 38 s; now the
+    request stops once its images add up to --max-request-pixels (64 Mpx), before decoding
+    the rest: the server's peak RSS grows by a few hundred MiB at most."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from protos.vaegan.v1 import outlier_service_pb2 as pb
+    from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4096, 4096, 3), 77, np.uint8)).save(buf, format="PNG")
+    big = buf.getvalue()
+    assert len(big) < 200_000  # small on the wire
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(_serve(tiny_bundle, "--ready-file", str(ready)), cwd=REPO, env=_env(),
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.05)
+        port = json.loads(ready.read_text())["port"]
+        before = _hwm_mib(proc.pid)
+        request = pb.ScoreRequest(images=[pb.Image(id=f"big{i}", encoded=big) for i in range(32)])
+        t0 = time.monotonic()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.OutlierServiceStub(ch).Score(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "image 4 (id 'big4')" in err.value.details() and "--max-request-pixels" in err.value.details()
+        growth = _hwm_mib(proc.pid) - before
+        assert growth < 700, f"peak RSS grew by {growth:.0f} MiB"
+        assert time.monotonic() - t0 < 30
+    finally:
+        proc.kill()
+        proc.wait()
