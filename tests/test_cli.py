@@ -122,3 +122,42 @@ def test_inpaint_cli_mask_and_auto(tiny_bundle: Path, tmp_path: Path, capsys) ->
     assert "repaired" in capsys.readouterr().out
     assert main(["inpaint", str(tmp_path / "missing.png"), "--auto", "--model", str(tiny_bundle),
                  "--out", str(tmp_path / "x.png")]) == 2
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG header that declares width x height grey pixels, with no pixel data: Pillow refuses
+    it on open as a decompression bomb (more than twice Image.MAX_IMAGE_PIXELS)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_more_user_mistakes_are_one_line_and_exit_2(tmp_path: Path, tiny_bundle: Path, capsys) -> None:
+    """Each of these printed a traceback: a manifest that is a JSON list, --out under a regular
+    file, a decompression-bomb PNG in a training folder."""
+    import shutil
+
+    listed = tmp_path / "listed"
+    shutil.copytree(tiny_bundle, listed)
+    (listed / "manifest.json").write_text("[1, 2]")
+    (tmp_path / "afile").write_text("x")
+    bombs = tmp_path / "bombs"
+    bombs.mkdir()
+    (bombs / "huge.png").write_bytes(_png_declaring(30000, 30000))
+    cases = [
+        (["evaluate", "--model", str(listed), "--out", str(tmp_path / "r"), "--dataset", "synthetic"],
+         "the manifest must be a JSON object"),
+        (["train", "--out", str(tmp_path / "afile" / "run"), "--epochs", "1", "--max-train", "64", "--no-progress"],
+         "Not a directory"),
+        (["train", "--dataset", "folder", "--data-root", str(bombs), "--out", str(tmp_path / "run"), "--no-progress"],
+         "too large to decode safely"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)

@@ -656,6 +656,12 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, epochs=a.epochs, max_train=a.max_train, seed=a.seed, n_test=a.test_images)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message as one line (its first line; the type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _fail(msg: str) -> int:
     raise CliError(msg)
 
@@ -687,9 +693,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CliError, ServiceError, FileNotFoundError, ValueError) as e:
+    except (CliError, ServiceError, OSError, ValueError) as e:
         logger.debug("%s failed", args.command, exc_info=True)
-        print(f"vaegan {args.command}: error: {e}", file=sys.stderr)
+        print(f"vaegan {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if type(e).__name__ != "DecompressionBombError":  # Pillow's: an image too large to decode
+            raise
+        print(f"vaegan {args.command}: error: an image is too large to decode safely ({_one_line(e)})", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]

@@ -163,6 +163,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         manifest = json.loads(mpath.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: the manifest must be a JSON object, got a {type(manifest).__name__}")
     fv = manifest.get("format_version")
     if fv != FORMAT_VERSION:
         raise BundleError(f"{mpath}: format_version {fv!r} is not supported (expected {FORMAT_VERSION})")

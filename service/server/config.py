@@ -93,6 +93,8 @@ class ServiceConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} {path}: no such file")
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            _check_key_pair(Path(self.tls_cert_file), Path(self.tls_key_file))
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         _ = self.formats  # refuse unknown names now
@@ -142,6 +144,16 @@ def _check_writable(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: the folder {folder} is not writable")
+
+
+def _check_key_pair(cert: Path, key: Path) -> None:
+    """The TLS key belongs to the certificate (gRPC would only say it cannot bind the port)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise ValueError(f"tls_key_file {key} does not match tls_cert_file {cert}, or one is not PEM ({e.reason})") from e
 
 
 def env_name(flag: str) -> str:

@@ -136,3 +136,9 @@ def test_safe_defaults_and_settings_checks(tmp_path: Path) -> None:
         ServiceConfig(model=Path("m"), tls_client_ca_file=tmp_path / "ca.pem")
     with pytest.raises(ValueError, match="auth_tokens_file .*: no such file"):
         ServiceConfig(model=Path("m"), auth_tokens_file=tmp_path / "missing.txt")
+
+
+def test_a_tls_key_that_does_not_match_its_certificate_is_named(pki: Path) -> None:
+    """gRPC reported this as a failure to bind the port."""
+    with pytest.raises(ValueError, match="tls_key_file .*client.key does not match tls_cert_file"):
+        ServiceConfig(model=Path("m"), tls_cert_file=pki / "server.pem", tls_key_file=pki / "client.key")
