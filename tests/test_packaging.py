@@ -12,23 +12,9 @@ from pathlib import Path
 import pytest
 
 from service.runtime import session
+from tests.blocking import run_blocked
 
 REPO = Path(__file__).resolve().parents[1]
-
-BLOCK = (
-    "import sys\n"
-    "class Block:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] in {blocked!r}:\n"
-    "            raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)\n"
-    "sys.meta_path.insert(0, Block())\n"
-)
-
-
-def _run_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedProcess[str]:
-    code = BLOCK.format(blocked=blocked) + body
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-
 
 @pytest.mark.parametrize(
     "blocked,argv,extra",
@@ -39,7 +25,7 @@ def _run_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedPro
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it(blocked: tuple[str, ...], argv: list[str], extra: str) -> None:
-    out = _run_blocked(blocked, f"from vaegan.cli import main\nsys.exit(main({argv!r}))\n")
+    out = run_blocked(blocked, f"from vaegan.cli import main\nsys.exit(main({argv!r}))\n")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
@@ -104,7 +90,7 @@ def test_an_old_bundle_serves_without_onnx_installed(tiny_bundle: Path, tmp_path
         "res = rt.score(np.zeros((2, 32, 32, 3), np.uint8))\n"
         "print(rt.pipeline is None, len(res.score))\n"
     )
-    out = _run_blocked(("onnx",), body)
+    out = run_blocked(("onnx",), body)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "2"]
     assert "onnx is not installed" in out.stderr

@@ -697,11 +697,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("%s failed", args.command, exc_info=True)
         print(f"vaegan {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:
-        if type(e).__name__ != "DecompressionBombError":  # Pillow's: an image too large to decode
-            raise
-        print(f"vaegan {args.command}: error: an image is too large to decode safely ({_one_line(e)})", file=sys.stderr)
-        return EXIT_USAGE
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
         if top not in EXTRA_OF:
@@ -712,3 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if type(e).__name__ != "DecompressionBombError":  # Pillow's: an image too large to decode
+            raise
+        print(f"vaegan {args.command}: error: an image is too large to decode safely ({_one_line(e)})", file=sys.stderr)
+        return EXIT_USAGE

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.blocking import run_blocked
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -28,19 +30,13 @@ def test_service_imports_without_torch() -> None:
 def test_bundle_loads_in_a_process_that_blocks_torch(tiny_bundle: Path) -> None:
     """Make torch unimportable, then load and score the bundle: serving needs no torch."""
     code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
         "import numpy as np\n"
         "from service.runtime import Runtime\n"
         f"rt = Runtime.load({str(tiny_bundle)!r})\n"
         "res = rt.score(np.zeros((2, 32, 32, 3), np.uint8))\n"
         "print(len(res.score), res.is_outlier.dtype)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_blocked(("torch", "torchvision"), code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "bool"]
 
@@ -53,12 +49,6 @@ def test_batch_scoring_runs_where_torch_cannot_load(tiny_bundle: Path, tmp_path:
     for i in range(3):
         Image.new("RGB", (40, 30), (i * 60, 90, 120)).save(tmp_path / f"{i}.png")
     code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
         "import service.batch.decode\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'onnx', 'grpc', 'pyarrow'))\n"
         "assert not heavy, heavy\n"
@@ -67,7 +57,7 @@ def test_batch_scoring_runs_where_torch_cannot_load(tiny_bundle: Path, tmp_path:
         f"{str(tmp_path / 'o.jsonl')!r}, '--workers', '1', '--no-progress'])\n"
         "print('exit', code)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_blocked(("torch", "torchvision"), code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "exit 0"
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3

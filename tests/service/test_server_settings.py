@@ -26,6 +26,15 @@ def _serve(tiny_bundle: Path, *flags: str) -> list[str]:
             "--port", "0", "--metrics-port", "-1", "--providers", "cpu", *flags]
 
 
+def _wait_ready(proc: subprocess.Popen, ready: Path) -> int:
+    """The gRPC port once the server has written its ready file."""
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+        time.sleep(0.05)
+    return int(json.loads(ready.read_text())["port"])
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -77,11 +86,7 @@ def test_sighup_is_ignored_and_sigterm_still_drains(tiny_bundle: Path, tmp_path:
     proc = subprocess.Popen(_serve(tiny_bundle, "--ready-file", str(ready)), cwd=REPO, env=_env(),
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.05)
-        port = json.loads(ready.read_text())["port"]
+        port = _wait_ready(proc, ready)
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         assert proc.poll() is None, "SIGHUP killed the server"
@@ -124,11 +129,7 @@ def test_a_request_of_many_huge_images_is_refused_within_its_pixel_budget(tiny_b
     proc = subprocess.Popen(_serve(tiny_bundle, "--ready-file", str(ready)), cwd=REPO, env=_env(),
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.05)
-        port = json.loads(ready.read_text())["port"]
+        port = _wait_ready(proc, ready)
         before = _hwm_mib(proc.pid)
         request = pb.ScoreRequest(images=[pb.Image(id=f"big{i}", encoded=big) for i in range(32)])
         t0 = time.monotonic()
