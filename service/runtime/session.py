@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+# Without this, every session start writes ~/.cache/Microsoft/DeveloperTools/.onnxruntime/
+# (a device id and a database) and $TMPDIR/.ses: a server must write nothing it was not asked to.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402 - after the variable above
 
 from service.runtime.errors import BundleError
 

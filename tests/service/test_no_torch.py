@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,16 @@ def test_batch_scoring_runs_where_torch_cannot_load(tiny_bundle: Path, tmp_path:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "exit 0"
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
+
+
+def test_loading_a_bundle_writes_nothing_under_home_or_tmp(tiny_bundle: Path, tmp_path: Path) -> None:
+    """ONNX Runtime wrote a device id and a database under ~/.cache and a file in $TMPDIR at every
+    session start; the runtime switches that off (a read-only root with /tmp only must do)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = f"from service.runtime import Runtime\nRuntime.load({str(tiny_bundle)!r}, providers='cpu')\n"
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), TMPDIR=str(home))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
