@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from service.server.config import ServiceConfig
 
 __all__ = [
     "MAX_ID_BYTES",
+    "Abandoned",
     "Limits",
     "PixelBudget",
     "ScoreOptions",
@@ -199,14 +201,28 @@ def _decode_one(img: pb.Image, where: str, limits: Limits, budget: PixelBudget |
     raise InvalidInput(f"{where}: no image data (set encoded or tensor)")
 
 
+class Abandoned(Exception):
+    """The call this work was for was cancelled or ran out of time: stop, nobody will read it."""
+
+
+def _check_abandoned(abandoned: threading.Event | None) -> None:
+    if abandoned is not None and abandoned.is_set():
+        raise Abandoned
+
+
 def decode_images(
-    images: Sequence[pb.Image], limits: Limits, what: str = "image", budget: PixelBudget | None = None
+    images: Sequence[pb.Image], limits: Limits, what: str = "image", budget: PixelBudget | None = None,
+    abandoned: threading.Event | None = None,
 ) -> list[np.ndarray]:
     """Decode every image at its own size: uint8 (H, W) or (H, W, 3) each."""
     check_count(len(images), limits, what + "s")
     check_ids(images, what)
     budget = budget or PixelBudget(limits)
-    return [_decode_one(img, name_image(i, img.id, what), limits, budget) for i, img in enumerate(images)]
+    out = []
+    for i, img in enumerate(images):
+        _check_abandoned(abandoned)  # between images: an abandoned call stops within one decode
+        out.append(_decode_one(img, name_image(i, img.id, what), limits, budget))
+    return out
 
 
 def decode_masks(
@@ -229,7 +245,9 @@ def decode_masks(
     return out
 
 
-def model_inputs(originals: list[np.ndarray], spec: ImageSpec, ids: Sequence[str] = ()) -> Prepared:
+def model_inputs(
+    originals: list[np.ndarray], spec: ImageSpec, ids: Sequence[str] = (), abandoned: threading.Event | None = None
+) -> Prepared:
     """Decoded images -> the uint8 batch (N, H, W, C) at model size, as Runtime.preprocess
     before :func:`~service.runtime.preprocess.normalize` (which the batcher applies per merged
     batch), with each input's size and channel conversion (logged once per direction)."""
@@ -237,6 +255,7 @@ def model_inputs(originals: list[np.ndarray], spec: ImageSpec, ids: Sequence[str
     sizes = np.empty((len(originals), 2), np.int64)
     conversions = []
     for i, arr in enumerate(originals):
+        _check_abandoned(abandoned)
         sizes[i] = arr.shape[:2]
         where = name_image(i, ids[i] if i < len(ids) else "")
         matched, kind = match_channels(arr, spec.channels, where)

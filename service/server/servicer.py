@@ -13,6 +13,7 @@ import asyncio
 import collections
 import functools
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -74,9 +75,20 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             raise ModelNotReady("the model is not loaded yet; retry shortly")
         return self._model
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    async def _in_pool_cancellable(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`_in_pool` for work that checks ``abandoned`` (a threading.Event) as it goes: a
+        call that is cancelled or runs out of time sets it, so the thread stops at its next
+        check instead of decoding on for nobody (work still queued is dropped by the pool)."""
+        abandoned = threading.Event()
+        try:
+            return await self._in_pool(fn, *args, abandoned=abandoned)
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
 
     # ---- Score --------------------------------------------------------------------------
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
@@ -144,17 +156,17 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             if x is not None:
                 return [], Prepared.at_model_size(x)
             try_raw = False  # tried: not raw at model size
-        return await self._in_pool(self._decode, request, rt, try_raw)
+        return await self._in_pool_cancellable(self._decode, request, rt, try_raw)
 
     def _decode(
-        self, request: pb.ScoreRequest, rt: Runtime, try_raw: bool
+        self, request: pb.ScoreRequest, rt: Runtime, try_raw: bool, abandoned: threading.Event | None = None
     ) -> tuple[list[np.ndarray], Prepared]:
         if try_raw:
             x = convert.raw_model_batch(request.images, rt.spec, self.limits)
             if x is not None:
                 return [], Prepared.at_model_size(x)
-        originals = convert.decode_images(request.images, self.limits)
-        return originals, convert.model_inputs(originals, rt.spec, [img.id for img in request.images])
+        originals = convert.decode_images(request.images, self.limits, abandoned=abandoned)
+        return originals, convert.model_inputs(originals, rt.spec, [img.id for img in request.images], abandoned)
 
     def _respond(
         self,

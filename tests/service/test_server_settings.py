@@ -143,3 +143,46 @@ def test_a_request_of_many_huge_images_is_refused_within_its_pixel_budget(tiny_b
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_expired_call_stops_decoding_so_the_next_one_is_not_kept_waiting(tiny_bundle: Path) -> None:
+    """A request of 30 large PNGs with a 0.5 s deadline kept the only decode thread busy until
+    it had decoded them all; the next request waited behind it. Now the abandoned work stops at
+    the next image, and the next request is answered in a fraction of the big one's time."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from protos.vaegan.v1 import outlier_service_pb2 as pb
+    from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+    from service.runtime import Runtime
+    from service.server.testing import ServerThread
+
+    # 2048 x 2048 smooth gradients: small on the wire (the call reaches the server at once),
+    # slow to decode and resize
+    yy, xx = np.mgrid[0:2048, 0:2048]
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 2_000_000
+    big = pb.ScoreRequest(images=[pb.Image(id=f"b{i}", encoded=buf.getvalue()) for i in range(30)])
+    small_buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(small_buf, format="PNG")
+    small = pb.ScoreRequest(images=[pb.Image(id="s", encoded=small_buf.getvalue())])
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1, decode_workers=1,
+                        max_request_pixels=1 << 30, max_message_bytes=512 << 20)
+    options = [("grpc.max_send_message_length", 512 << 20)]
+    with ServerThread(cfg, Runtime.load(tiny_bundle, providers="cpu")) as srv, \
+            grpc.insecure_channel(srv.target, options=options) as ch:
+        stub = pb_grpc.OutlierServiceStub(ch)
+        t0 = time.monotonic()
+        stub.Score(big, timeout=300)  # how long the whole request takes here
+        full = time.monotonic() - t0
+        assert full > 2.0, f"the big request took only {full:.1f} s: too fast to tell"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(big, timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        t0 = time.monotonic()
+        assert stub.Score(small, timeout=60).results[0].id == "s"
+        waited = time.monotonic() - t0
+    assert waited < full / 3, f"the next request waited {waited:.1f} s (the big one takes {full:.1f} s)"
