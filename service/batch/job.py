@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,18 +223,3 @@ def run_job(cfg: JobConfig, scorer: Scorer) -> JobSummary:
         write_report(cfg.report_dir, out, schema, {it.id: it.path for it in mine}, scorer, cfg.top_k)
     return summary
 
-
-def parse_weights(text: str | None) -> Mapping[str, float] | None:
-    """``pixel=1,disc=0`` -> {"pixel": 1.0, "disc": 0.0}; None -> None."""
-    if not text:
-        return None
-    out = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"--weights: expected name=value pairs like pixel=1,disc=0, got {part!r}")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError as e:
-            raise ValueError(f"--weights: {name.strip()}: {value!r} is not a number") from e
-    return out

@@ -21,7 +21,7 @@ from service.batch.decode import Decoded, DecodePool, default_workers
 from service.batch.inputs import Item
 from service.batch.table import output_schema
 from service.runtime.preprocess import ImageSpec, map_to_input
-from service.runtime.scoring import ALL_COMPONENTS, map_full_scale
+from service.runtime.scoring import ALL_COMPONENTS, map_full_scale, map_to_uint8
 
 if TYPE_CHECKING:
     from service.client import OutlierClient
@@ -41,11 +41,6 @@ class ChunkResult:
     components: dict[str, np.ndarray]  # name -> (k,) float64, the model's components only
     maps: list[np.ndarray | None] | None = None  # uint8 (h, w) at input size, when asked
     repaired: list[np.ndarray | None] | None = None  # uint8 (h, w, C) at input size, when asked
-
-
-def render_map(amap: np.ndarray, full_scale: float) -> np.ndarray:
-    """A float anomaly map -> uint8 with ``full_scale`` drawn as 255, as the server's PNG maps."""
-    return np.clip(np.rint(amap * (255.0 / full_scale)), 0, 255).astype(np.uint8)
 
 
 class Scorer:
@@ -96,7 +91,7 @@ class LocalScorer(Scorer):
                 components={n: np.asarray(v, np.float64) for n, v in res.components.items()},
             )
             if maps:
-                out.maps = [render_map(res.map_at_input(i), self.full_scale) if wanted[i] else None for i in range(k)]
+                out.maps = [map_to_uint8(res.map_at_input(i), self.full_scale) if wanted[i] else None for i in range(k)]
             if repaired:
                 out.repaired = self._repair(chunk, res, wanted)
             yield chunk, out
@@ -186,7 +181,7 @@ class RemoteScorer(Scorer):
         wanted = out.is_outlier if only_outliers else np.ones(k, bool)
         if maps:
             out.maps = [
-                render_map(map_to_input(r.anomaly_map, int(h), int(w), self.spec), self.full_scale) if wanted[i] else None
+                map_to_uint8(map_to_input(r.anomaly_map, int(h), int(w), self.spec), self.full_scale) if wanted[i] else None
                 for i, (r, (h, w)) in enumerate(zip(results, chunk.sizes, strict=True))
             ]
         if repaired:

@@ -41,6 +41,8 @@ __all__ = [
     "combined_map",
     "gaussian_blur",
     "local_maps",
+    "map_full_scale",
+    "map_to_uint8",
     "smoothing_sigma",
     "component_stats",
     "conformal_rank",
@@ -437,3 +439,9 @@ def map_full_scale(spec: ImageSpec, calibration: Calibration | None = None) -> f
         if math.isfinite(calibration.map_threshold) and calibration.map_threshold > 0:
             return 2.0 * calibration.map_threshold
     return float(max(1.0 / s for s in spec.std))
+
+
+def map_to_uint8(amap: np.ndarray, full_scale: float) -> np.ndarray:
+    """A float anomaly map -> uint8 with ``full_scale`` (:func:`map_full_scale`) drawn as 255:
+    the PNG maps of the service and of ``vaegan score --maps-dir``."""
+    return np.clip(np.rint(np.asarray(amap) * (255.0 / full_scale)), 0, 255).astype(np.uint8)

@@ -28,7 +28,7 @@ from service.runtime.preprocess import (
     match_channels,
     to_model_size,
 )
-from service.runtime.scoring import ALL_COMPONENTS, Calibration
+from service.runtime.scoring import ALL_COMPONENTS, Calibration, map_to_uint8
 from service.runtime.scoring import map_full_scale as full_scale
 from service.server.codec import array_to_png, array_to_tensor, tensor_to_array
 from service.server.config import ServiceConfig
@@ -298,8 +298,7 @@ def _picture(arr: np.ndarray, fmt: int) -> pb.Image:
 def _anomaly_map(amap: np.ndarray, fmt: int, scale: float) -> pb.Image:
     if fmt == pb.IMAGE_FORMAT_RAW:
         return pb.Image(tensor=array_to_tensor(amap))  # float32 (H, W)
-    u8 = np.clip(np.rint(amap * (255.0 / scale)), 0, 255).astype(np.uint8)  # (H, W)
-    return pb.Image(encoded=array_to_png(u8))
+    return pb.Image(encoded=array_to_png(map_to_uint8(amap, scale)))  # uint8 (H, W)
 
 
 def _region(box: np.ndarray) -> pb.Region:
