@@ -218,10 +218,14 @@ def decode_images(
     check_count(len(images), limits, what + "s")
     check_ids(images, what)
     budget = budget or PixelBudget(limits)
-    out = []
-    for i, img in enumerate(images):
-        _check_abandoned(abandoned)  # between images: an abandoned call stops within one decode
-        out.append(_decode_one(img, name_image(i, img.id, what), limits, budget))
+    out: list[np.ndarray] = []
+    try:
+        for i, img in enumerate(images):
+            _check_abandoned(abandoned)  # between images: an abandoned call stops within one decode
+            out.append(_decode_one(img, name_image(i, img.id, what), limits, budget))
+    except BaseException:
+        out.clear()  # a failed request frees its decoded images now, not when a traceback goes
+        raise
     return out
 
 

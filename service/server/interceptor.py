@@ -18,6 +18,7 @@ import asyncio
 import logging
 import re
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,18 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+def _release(exc: BaseException) -> None:
+    """Drop the frames (and so the locals) that ``exc`` and the exceptions chained to it hold."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)  # frames still running are skipped
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
 
 
 def _request_id(metadata: Any) -> str:
@@ -87,12 +100,17 @@ class _Call:
         self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     async def _fail(self, exc: Exception) -> None:
-        """Abort the call with the status ``exc`` maps to (raises grpc.aio.AbortError)."""
+        """Abort the call with the status ``exc`` maps to (raises grpc.aio.AbortError).
+
+        gRPC keeps the AbortError, whose context is ``exc``: ``exc``'s traceback frames are
+        cleared first, or their locals (a request's decoded images, hundreds of MiB for a
+        refused over-budget request) would live until the cycle collector runs."""
         self.code, message, is_bug = to_status(exc, self.rid)
         if is_bug:
             logger.error("%s failed: %s", self.method, message, exc_info=exc)
         else:
             logger.info("%s rejected: %s: %s", self.method, self.code.name, message)
+        _release(exc)
         await self.context.abort(self.code, message, trailing_metadata=self.metadata)
 
 
