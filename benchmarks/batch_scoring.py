@@ -97,19 +97,27 @@ def _done(marker: Path, count: int) -> bool:
     return marker.exists() and json.loads(marker.read_text()).get("count") == count
 
 
-def prepare_mnist(work: Path, root: Path) -> Path:
-    """20,000 MNIST training images as PNGs under ``WORK/data/mnist28/png`` (once)."""
-    folder = work / "data" / "mnist28"
+def _prepare(work: Path, name: str, count: int, dataset: str, root: Path | None, spec: ImageSpec,
+             ext: str, source: str, **save: Any) -> Path:
+    """``count`` images of ``dataset``'s train split at ``spec``'s size, written once as
+    ``WORK/data/<name>/<ext>/...`` (``save``: Pillow's format and options)."""
+    folder = work / "data" / name
     marker = folder / "done.json"
-    if not _done(marker, MNIST_IMAGES):
+    if not _done(marker, count):
         from trainer.data import load_dataset
 
-        print(f"writing {MNIST_IMAGES:,} MNIST PNGs to {folder / 'png'} ...", flush=True)
-        data = load_dataset("mnist", root, "train", ImageSpec(1, 28, 28), limit=MNIST_IMAGES)
-        assert data.images.shape == (MNIST_IMAGES, 28, 28, 1), data.images.shape
-        _write_images(folder / "png", data.images, "png", format="PNG")
-        marker.write_text(json.dumps({"count": MNIST_IMAGES, "source": f"mnist train, {root}"}) + "\n")
-    return folder / "png"
+        print(f"writing {count:,} {dataset} images to {folder / ext} ...", flush=True)
+        data = load_dataset(dataset, root, "train", spec, limit=count)
+        assert data.images.shape == (count, spec.height, spec.width, spec.channels), data.images.shape
+        _write_images(folder / ext, data.images, ext, **save)
+        marker.write_text(json.dumps({"count": count, "source": source}) + "\n")
+    return folder / ext
+
+
+def prepare_mnist(work: Path, root: Path) -> Path:
+    """20,000 MNIST training images as PNGs under ``WORK/data/mnist28/png`` (once)."""
+    return _prepare(work, "mnist28", MNIST_IMAGES, "mnist", root, ImageSpec(1, 28, 28), "png",
+                    f"mnist train, {root}", format="PNG")
 
 
 def mnist_input(work: Path, full: Path, n: int) -> Path:
@@ -133,17 +141,8 @@ def mnist_input(work: Path, full: Path, n: int) -> Path:
 
 def prepare_rgb(work: Path) -> Path:
     """2,000 64x64 RGB JPEGs (quality 90) of the synthetic dataset under ``WORK/data/rgb64/jpg``."""
-    folder = work / "data" / "rgb64"
-    marker = folder / "done.json"
-    if not _done(marker, RGB_IMAGES):
-        from trainer.data import load_dataset
-
-        print(f"writing {RGB_IMAGES:,} synthetic 64x64 JPEGs to {folder / 'jpg'} ...", flush=True)
-        data = load_dataset("synthetic", None, "train", ImageSpec(3, 64, 64), limit=RGB_IMAGES)
-        assert data.images.shape == (RGB_IMAGES, 64, 64, 3), data.images.shape
-        _write_images(folder / "jpg", data.images, "jpg", format="JPEG", quality=90)
-        marker.write_text(json.dumps({"count": RGB_IMAGES, "source": "synthetic train, seed 0"}) + "\n")
-    return folder / "jpg"
+    return _prepare(work, "rgb64", RGB_IMAGES, "synthetic", None, ImageSpec(3, 64, 64), "jpg",
+                    "synthetic train, seed 0", format="JPEG", quality=90)
 
 
 def _vaegan() -> list[str]:

@@ -9,6 +9,7 @@ runs. :func:`score_files` is the Python API on top.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,6 @@ class LocalScorer(Scorer):
 
 def _select(res: Any, idx: np.ndarray) -> Any:
     """A ScoreResult restricted to the images ``idx``."""
-    import dataclasses
-
     return dataclasses.replace(
         res,
         score=res.score[idx], is_outlier=res.is_outlier[idx], tail_probability=res.tail_probability[idx],

@@ -221,11 +221,13 @@ class PartStore:
             raise OutputError(
                 f"{exists[0]} already exists: pass --resume to continue that job, or --overwrite to start again"
             )
+        self._previous_ids: list[str] = []  # ids of an existing output, read once here
         if out.exists():
             previous = read_table(out, schema)
             missing = [n for n in schema.names if n not in previous.column_names]
             if missing:
                 raise OutputError(f"--resume: {out} has no column {missing[0]!r}: it was not written by this job")
+            self._previous_ids = previous.column("id").to_pylist()
         out.parent.mkdir(parents=True, exist_ok=True)
         self.parts_dir.mkdir(exist_ok=True)
         for stale in self.parts_dir.glob(".*.tmp-*"):  # a part being written when the job died
@@ -237,9 +239,7 @@ class PartStore:
 
     def done_ids(self) -> set[str]:
         """Ids already in the output and in its committed parts."""
-        done: set[str] = set()
-        if self.out.exists():
-            done.update(read_table(self.out, self.schema).column("id").to_pylist())
+        done: set[str] = set(self._previous_ids)
         for p in self._parts():
             done.update(pq.read_table(p, columns=["id"]).column("id").to_pylist())
         return done
