@@ -6,9 +6,16 @@
     ...
     await server.stop(grace)       # NOT_SERVING, finish in-flight calls within grace, close
 
-:func:`serve` does the first two steps. Two executors, sized on purpose: ``model_instances``
+:func:`serve` does the first two steps. Three executors, sized on purpose: ``model_instances``
 threads for ONNX Runtime (each run already uses ``intra_op_threads`` cores, so more threads
-would only compete), and ``decode_workers`` threads for decoding and numpy work.
+would only compete), ``decode_workers`` threads for decoding and inpainting, and
+``respond_workers`` threads for scoring merged batches and encoding response pictures (kept
+apart so that a flood of large decodes cannot delay answers that are ready). What the decode
+pool may hold is bounded by ``--max-inflight-pixels``.
+
+If the dynamic batcher's worker dies (a bug, an interpreter-level error), health turns
+NOT_SERVING and :attr:`OutlierServer.fatal` is set: ``vaegan serve`` then exits non-zero so
+that Kubernetes restarts the pod, rather than keep a process that answers UNAVAILABLE forever.
 """
 
 from __future__ import annotations
@@ -26,11 +33,17 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.vaegan.v1 import outlier_service_pb2 as pb
 from service.runtime import Runtime
-from service.server.auth import TokenSet
+from service.server.auth import BasicAuth, TokenSet
 from service.server.batcher import DynamicBatcher
+from service.server.budget import InflightPixels
 from service.server.config import ServiceConfig
 from service.server.interceptor import InstrumentedServicer, add_to_server
-from service.server.metrics import MetricsEndpoint, ServerMetrics, start_metrics_endpoint
+from service.server.metrics import (
+    MetricsEndpoint,
+    MetricsSecurity,
+    ServerMetrics,
+    start_metrics_endpoint,
+)
 from service.server.pipeline import BatchRunner, concat_scored
 from service.server.servicer import SERVICE, SERVICE_NAME, LoadedModel, OutlierServicer
 
@@ -61,9 +74,13 @@ class OutlierServer:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._endpoint: MetricsEndpoint | None = None
+        self.fatal = asyncio.Event()  # set when the model can no longer serve (the batcher died)
+        self.fatal_reason = ""
         self._ort_pool = ThreadPoolExecutor(config.model_instances, thread_name_prefix="vaegan-ort")
-        self._cpu_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="vaegan-cpu")
-        self.servicer = OutlierServicer(config, self._cpu_pool, self.metrics)
+        self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="vaegan-decode")
+        self._respond_pool = ThreadPoolExecutor(config.respond_threads, thread_name_prefix="vaegan-respond")
+        inflight = InflightPixels(config.max_inflight_pixels, self.metrics.inflight_pixels, self.metrics.pixel_waiters)
+        self.servicer = OutlierServicer(config, self._decode_pool, self._respond_pool, self.metrics, inflight)
 
     async def start(self) -> BoundPorts:
         """Bind and start gRPC (health NOT_SERVING) and /metrics; returns the bound ports."""
@@ -100,7 +117,11 @@ class OutlierServer:
         await server.start()
         self._server = server
         if cfg.metrics_port >= 0:
-            self._endpoint = start_metrics_endpoint(self.metrics.registry, cfg.metrics_host, cfg.metrics_port)
+            security = MetricsSecurity(
+                cfg.metrics_tls_cert_file, cfg.metrics_tls_key_file, cfg.metrics_tls_client_ca_file,
+                BasicAuth.load(cfg.metrics_basic_auth_file) if cfg.metrics_basic_auth_file is not None else None,
+            )
+            self._endpoint = start_metrics_endpoint(self.metrics.registry, cfg.metrics_host, cfg.metrics_port, security)
         self.ports = BoundPorts(port, self._endpoint.port if self._endpoint else None)
         logger.info("gRPC on %s:%d (NOT_SERVING until the model is warm)", cfg.host, port)
         return self.ports
@@ -125,8 +146,9 @@ class OutlierServer:
         runner.score(await loop.run_in_executor(self._ort_pool, runner, warm, {}))
         batcher = DynamicBatcher(
             runner, self._ort_pool, concat=concat_scored, finish=runner.score,
-            finish_executor=self._cpu_pool, max_batch_size=cfg.max_batch_size,
+            finish_executor=self._respond_pool, max_batch_size=cfg.max_batch_size,
             max_delay_s=cfg.max_delay_ms / 1e3, instances=cfg.model_instances, metrics=self.metrics,
+            on_death=self._batcher_died,
         )
         batcher.start()
         self.model = LoadedModel(rt, batcher)
@@ -140,6 +162,16 @@ class OutlierServer:
             "SERVING %s version %s on %s (max batch %d, max delay %.1f ms)",
             rt.bundle.name, rt.bundle.version, rt.provider, cfg.max_batch_size, cfg.max_delay_ms,
         )
+
+    def _batcher_died(self, exc: BaseException) -> None:
+        """On the event loop: the model cannot serve any more. Health NOT_SERVING (probes and
+        load balancers stop sending), and ``fatal`` set for the process to exit non-zero."""
+        self.fatal_reason = f"the dynamic batcher stopped ({type(exc).__name__}: {exc})"
+        logger.critical("%s: NOT_SERVING; the process should exit and be restarted", self.fatal_reason)
+        if self._health is not None:
+            for name in HEALTH_SERVICES:
+                asyncio.ensure_future(self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+        self.fatal.set()
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace`` s, close."""
@@ -156,7 +188,8 @@ class OutlierServer:
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
-        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._respond_pool.shutdown(wait=False, cancel_futures=True)
         self._ort_pool.shutdown(wait=False, cancel_futures=True)
         logger.info("stopped")
 

@@ -12,6 +12,7 @@ never logged; a refused call is UNAUTHENTICATED and counted like any other.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -21,7 +22,7 @@ from typing import Any
 
 from service.runtime.errors import Unauthenticated
 
-__all__ = ["TokenSet", "hash_token"]
+__all__ = ["BasicAuth", "TokenSet", "hash_token"]
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -67,3 +68,52 @@ class TokenSet:
             ok |= hmac.compare_digest(digest, accepted)
         if not ok:
             raise Unauthenticated("the bearer token is not accepted by this server")
+
+
+class BasicAuth:
+    """HTTP basic auth for ``/metrics`` (``--metrics-basic-auth-file``).
+
+    The file holds ``user:<SHA-256 hex of the password>`` lines (``#`` comments and blank lines
+    skipped). A plain SHA-256 is no password hash: use long random passwords, as a scraper's
+    secret is anyway. Every entry is compared in constant time, whichever user is named.
+
+        printf 'prometheus:%s\\n' "$(printf %s "$PASSWORD" | sha256sum | cut -d' ' -f1)" > metrics-users.txt
+    """
+
+    def __init__(self, users: dict[str, str]) -> None:
+        if not users:
+            raise ValueError("metrics_basic_auth_file: no user:digest lines in it")
+        self.entries = [(hashlib.sha256(u.encode()).digest(), bytes.fromhex(d)) for u, d in users.items()]
+
+    @classmethod
+    def load(cls, path: Path) -> BasicAuth:
+        users = {}
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            user, _, digest = text.rpartition(":")
+            digest = digest.strip().lower()
+            if not user or ":" in user or not _HEX.match(digest):
+                raise ValueError(
+                    f"metrics_basic_auth_file {path}: line {n} is not 'user:<SHA-256 hex of the password>'"
+                )
+            users[user.strip()] = digest
+        return cls(users)
+
+    def check(self, header: str | None) -> bool:
+        """True when ``header`` (an Authorization value) names a user with its password."""
+        if not header or header[:6].lower() != "basic ":
+            return False
+        try:
+            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not sep:
+            return False
+        u = hashlib.sha256(user.encode()).digest()
+        p = hashlib.sha256(password.encode()).digest()
+        ok = False
+        for eu, ep in self.entries:
+            ok |= hmac.compare_digest(u, eu) & hmac.compare_digest(p, ep)
+        return ok

@@ -78,6 +78,7 @@ class DynamicBatcher(Generic[Out]):
         max_delay_s: float = 0.002,
         instances: int = 1,
         metrics: ServerMetrics | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or instances < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and instances must be >= 1, max_delay_s >= 0")
@@ -90,6 +91,7 @@ class DynamicBatcher(Generic[Out]):
         self.max_delay_s = max_delay_s
         self.instances = instances
         self.metrics = metrics
+        self.on_death = on_death  # called on the event loop if a worker thread dies
         self._cond = threading.Condition()  # guards the queue and the flags below
         self._queue: collections.deque[_Item[Out]] = collections.deque()
         self._queued_images = 0
@@ -124,8 +126,8 @@ class DynamicBatcher(Generic[Out]):
         for item in pending:
             if not item.future.done():
                 item.future.set_exception(ModelNotReady("the server is shutting down"))
-        for worker in self._workers:  # a worker exits after handing over its last batch
-            await asyncio.wrap_future(worker)
+        # a worker exits after handing over its last batch (a dead one has logged its error)
+        await asyncio.gather(*(asyncio.wrap_future(w) for w in self._workers), return_exceptions=True)
         while self._finishing:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in self._finishing.copy()), return_exceptions=True)
         await asyncio.sleep(0)  # let the results posted to the loop be delivered
@@ -187,11 +189,32 @@ class DynamicBatcher(Generic[Out]):
                     return batch
 
     def _worker(self) -> None:
-        while (batch := self._collect()) is not None:
-            try:
-                self._process(batch)
-            except Exception as e:  # every waiter gets the failure; the worker goes on
-                self._post(self._fail, batch, e)
+        try:
+            while (batch := self._collect()) is not None:
+                try:
+                    self._process(batch)
+                except Exception as e:  # every waiter gets the failure; the worker goes on
+                    self._post(self._fail, batch, e)
+                except BaseException:
+                    self._post(self._fail, batch, ModelNotReady("the model is not serving: its batcher stopped"))
+                    raise
+        except BaseException as e:  # a bug or an interpreter-level error: no silent half-server
+            self._died(e)
+            raise
+
+    def _died(self, exc: BaseException) -> None:
+        """A worker thread is ending on an error: refuse new work, fail what is queued, and
+        tell the owner (the server flips health to NOT_SERVING and exits non-zero)."""
+        logger.critical("dynamic batcher worker died: %s: %s", type(exc).__name__, exc)
+        with self._cond:
+            self._closing = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued_images = 0
+            self._cond.notify_all()
+        self._post(self._fail, pending, ModelNotReady("the model is not serving: its batcher stopped"))
+        if self.on_death is not None:
+            self._post(self.on_death, exc)
 
     def _process(self, batch: list[_Item[Out]]) -> None:
         """Run one merged batch and hand it to the finish stage (or straight to the loop)."""

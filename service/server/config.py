@@ -39,7 +39,8 @@ class ServiceConfig:
     max_batch_size: int = 64  # images per merged model run
     max_delay_ms: float = 2.0  # longest wait for more images before a partial batch runs
     model_instances: int = 1  # merged batches that may run at once (executor threads for ORT)
-    decode_workers: int = 0  # threads for decoding / pre- and post-processing; 0 = cores
+    decode_workers: int = 0  # threads for decoding and inpainting; 0 = cores (2..8)
+    respond_workers: int = 0  # threads for re-scoring and response pictures (PNG); 0 = half the decode threads
     max_message_bytes: int = 64 * MIB  # gRPC receive and send limit
     max_concurrent_rpcs: int = 256  # 0 = unlimited; above it new RPCs get RESOURCE_EXHAUSTED
     max_images_per_request: int = 1024  # RESOURCE_EXHAUSTED above it
@@ -47,6 +48,9 @@ class ServiceConfig:
     # height * width of all images (and masks) of one request, from their headers before decoding:
     # bounds a request's decoded originals (64 Mpx of RGB: 192 MiB)
     max_request_pixels: int = 64 << 20
+    # height * width decoded by all calls in progress together; a request that does not fit waits
+    # for earlier calls to finish: bounds the server's decoded originals (128 Mpx of RGB: 384 MiB)
+    max_inflight_pixels: int = 128 << 20
     stream_window: int = 4  # ScoreStream requests processed concurrently per stream
     grace_seconds: float = 10.0  # on SIGTERM: time for in-flight requests to finish
     log_level: str = "INFO"
@@ -59,16 +63,23 @@ class ServiceConfig:
     tls_client_ca_file: Path | None = None  # PEM CA: mutual TLS, every client must present a cert it signed
     auth_tokens_file: Path | None = None  # SHA-256 digests of accepted bearer tokens (service.server.auth)
     allow_overrides: bool = True  # requests may set their own weights and threshold
+    metrics_tls_cert_file: Path | None = None  # PEM chain: serve /metrics over HTTPS (with the key)
+    metrics_tls_key_file: Path | None = None
+    metrics_tls_client_ca_file: Path | None = None  # PEM CA: scrapers must present a cert it signed
+    metrics_basic_auth_file: Path | None = None  # "user:sha256-hex-of-password" lines: /metrics needs them
 
     def __post_init__(self) -> None:
         positive = (
             "max_batch_size", "model_instances", "max_message_bytes", "max_images_per_request",
-            "max_image_pixels", "max_request_pixels", "stream_window",
+            "max_image_pixels", "max_request_pixels", "max_inflight_pixels", "stream_window",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("port", "intra_op_threads", "decode_workers", "max_concurrent_rpcs", "switch_interval_ms")
+        non_negative = (
+            "port", "intra_op_threads", "decode_workers", "respond_workers", "max_concurrent_rpcs",
+            "switch_interval_ms",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -89,12 +100,27 @@ class ServiceConfig:
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+        if self.max_inflight_pixels < self.max_request_pixels:
+            raise ValueError(
+                f"max_inflight_pixels ({self.max_inflight_pixels}) must be >= max_request_pixels "
+                f"({self.max_request_pixels}): a request of the allowed size could never run"
+            )
+        if (self.metrics_tls_cert_file is None) != (self.metrics_tls_key_file is None):
+            raise ValueError("metrics_tls_cert_file and metrics_tls_key_file go together")
+        if self.metrics_tls_client_ca_file is not None and self.metrics_tls_cert_file is None:
+            raise ValueError("metrics_tls_client_ca_file needs metrics_tls_cert_file and metrics_tls_key_file")
+        files = (
+            "tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file",
+            "metrics_tls_cert_file", "metrics_tls_key_file", "metrics_tls_client_ca_file", "metrics_basic_auth_file",
+        )
+        for name in files:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} {path}: no such file")
         if self.tls_cert_file is not None and self.tls_key_file is not None:
             _check_key_pair(Path(self.tls_cert_file), Path(self.tls_key_file))
+        if self.metrics_tls_cert_file is not None and self.metrics_tls_key_file is not None:
+            _check_key_pair(Path(self.metrics_tls_cert_file), Path(self.metrics_tls_key_file), "metrics_")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         _ = self.formats  # refuse unknown names now
@@ -133,6 +159,12 @@ class ServiceConfig:
         """Worker threads for CPU work other than ONNX Runtime."""
         return self.decode_workers or max(2, min(8, os.cpu_count() or 2))
 
+    @property
+    def respond_threads(self) -> int:
+        """Worker threads for re-scoring and encoding response pictures: a separate pool, so
+        a flood of large decodes never delays the answers of calls already scored."""
+        return self.respond_workers or max(1, self.decode_threads // 2)
+
 
 def _check_writable(path: Path, what: str) -> None:
     """``path`` can be created or replaced: its folder exists and is writable, and it is not a
@@ -146,14 +178,16 @@ def _check_writable(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path}: the folder {folder} is not writable")
 
 
-def _check_key_pair(cert: Path, key: Path) -> None:
+def _check_key_pair(cert: Path, key: Path, prefix: str = "") -> None:
     """The TLS key belongs to the certificate (gRPC would only say it cannot bind the port)."""
     import ssl
 
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
     except ssl.SSLError as e:
-        raise ValueError(f"tls_key_file {key} does not match tls_cert_file {cert}, or one is not PEM ({e.reason})") from e
+        raise ValueError(
+            f"{prefix}tls_key_file {key} does not match {prefix}tls_cert_file {cert}, or one is not PEM ({e.reason})"
+        ) from e
 
 
 def env_name(flag: str) -> str:
@@ -203,13 +237,18 @@ def add_serve_arguments(
     add("--max-batch-size", int, d.max_batch_size, "images per merged model run; default %(default)s")
     add("--max-delay-ms", float, d.max_delay_ms, "max wait to fill a batch; default %(default)s")
     add("--model-instances", int, d.model_instances, "merged batches run at once; default %(default)s")
-    add("--decode-workers", int, d.decode_workers, "decode/pre/post-processing threads, 0 = cores")
+    add("--decode-workers", int, d.decode_workers, "decoding and inpainting threads, 0 = cores (2..8)")
+    add("--respond-workers", int, d.respond_workers,
+        "threads for re-scoring and response pictures, 0 = half the decode threads")
     add("--max-message-bytes", int, d.max_message_bytes, "gRPC message limit both ways; default %(default)s")
     add("--max-concurrent-rpcs", int, d.max_concurrent_rpcs, "0 = unlimited; default %(default)s")
     add("--max-images-per-request", int, d.max_images_per_request, "default %(default)s")
     add("--max-image-pixels", int, d.max_image_pixels, "height*width per image; default %(default)s")
     add("--max-request-pixels", int, d.max_request_pixels,
         "height*width of all images of one request, checked from headers before decoding; default %(default)s")
+    add("--max-inflight-pixels", int, d.max_inflight_pixels,
+        "height*width being decoded or held by all calls together; a request that does not fit "
+        "waits for earlier calls; default %(default)s")
     add("--stream-window", int, d.stream_window, "ScoreStream requests in progress per stream")
     add("--grace-seconds", float, d.grace_seconds, "drain time on SIGTERM; default %(default)s")
     add("--log-level", str, d.log_level, "default %(default)s",
@@ -226,6 +265,11 @@ def add_serve_arguments(
         "'authorization: Bearer <token>' (health and reflection stay open)")
     add("--allow-overrides", _bool, d.allow_overrides,
         "requests may set their own weights and threshold (true/false); default %(default)s")
+    add("--metrics-tls-cert-file", Path, None, "PEM certificate chain: serve /metrics over HTTPS")
+    add("--metrics-tls-key-file", Path, None, "PEM private key for --metrics-tls-cert-file")
+    add("--metrics-tls-client-ca-file", Path, None, "PEM CA: scrapers must present a certificate it signed")
+    add("--metrics-basic-auth-file", Path, None,
+        "'user:<sha256 hex of the password>' lines: /metrics asks for HTTP basic auth")
     return parser
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "check_count",
     "check_ids",
     "decode_images",
+    "declared_pixels",
     "decode_masks",
     "full_scale",
     "inpaint_response",
@@ -171,6 +172,50 @@ def _check_pixels(h: int, w: int, where: str, limits: Limits, budget: PixelBudge
         budget.spend(h, w, where)
 
 
+def _open_encoded(img: pb.Image, where: str, limits: Limits) -> Image.Image:
+    """Open encoded bytes with the accepted formats: reads the header only."""
+    formats = None if limits.formats is None else list(limits.formats)
+    try:
+        return Image.open(io.BytesIO(img.encoded), formats=formats)
+    except UnidentifiedImageError as e:
+        accepted = "a known image format" if formats is None else f"one of the accepted formats: {', '.join(formats)}"
+        raise InvalidInput(f"{where}: cannot decode image bytes (not {accepted})") from e
+    except Image.DecompressionBombError as e:
+        raise ResourceExhausted(f"{where}: too many pixels ({e})") from e
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many unrelated types
+        raise InvalidInput(f"{where}: cannot decode image bytes ({type(e).__name__}: {e})") from e
+
+
+def _declared_size(img: pb.Image, where: str, limits: Limits) -> tuple[int, int]:
+    """(height, width) as the image says before it is decoded (tensor shape or file header);
+    (0, 0) for what decoding will refuse anyway (no data, a bad tensor shape)."""
+    kind = img.WhichOneof("data")
+    if kind == "tensor":
+        shape = list(img.tensor.shape)
+        return (shape[0], shape[1]) if len(shape) in (2, 3) and min(shape) > 0 else (0, 0)
+    if kind == "encoded":
+        with _open_encoded(img, where, limits) as im:
+            return im.height, im.width
+    return 0, 0
+
+
+def declared_pixels(
+    images: Sequence[pb.Image], limits: Limits, what: str = "image", masks: Sequence[pb.Image] = ()
+) -> int:
+    """The pixels a request will decode, read from every header before anything is decoded:
+    the per-image and per-request limits are enforced here (RESOURCE_EXHAUSTED naming the
+    image), and bytes that are no accepted image format are refused (INVALID_ARGUMENT)."""
+    if masks and len(masks) != len(images):
+        raise InvalidInput(f"masks: got {len(masks)} masks for {len(images)} images")
+    budget = PixelBudget(limits)
+    named = [(img, name_image(i, img.id, what)) for i, img in enumerate(images)]
+    named += [(m, name_image(i, img.id, "mask")) for i, (m, img) in enumerate(zip(masks, images, strict=False))]
+    for img, where in named:
+        h, w = _declared_size(img, where, limits)
+        _check_pixels(h, w, where, limits, budget)
+    return budget.spent
+
+
 def _decode_one(img: pb.Image, where: str, limits: Limits, budget: PixelBudget | None = None) -> np.ndarray:
     """One Image -> uint8 (H, W) or (H, W, 3) at its own size; size checked before decoding."""
     kind = img.WhichOneof("data")
@@ -184,20 +229,16 @@ def _decode_one(img: pb.Image, where: str, limits: Limits, budget: PixelBudget |
             raise InvalidInput(f"{where}: {e}") from e
         return decode_image(arr, where)
     if kind == "encoded":
-        formats = None if limits.formats is None else list(limits.formats)
-        try:
-            with Image.open(io.BytesIO(img.encoded), formats=formats) as im:
-                _check_pixels(im.height, im.width, where, limits, budget)
+        with _open_encoded(img, where, limits) as im:
+            _check_pixels(im.height, im.width, where, limits, budget)
+            try:
                 return decode_image(im, where)
-        except Image.DecompressionBombError as e:
-            raise ResourceExhausted(f"{where}: too many pixels ({e})") from e
-        except UnidentifiedImageError as e:
-            accepted = "a known image format" if formats is None else f"one of the accepted formats: {', '.join(formats)}"
-            raise InvalidInput(f"{where}: cannot decode image bytes (not {accepted})") from e
-        except (InvalidInput, ResourceExhausted):
-            raise
-        except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many unrelated types
-            raise InvalidInput(f"{where}: cannot decode image bytes ({type(e).__name__}: {e})") from e
+            except Image.DecompressionBombError as e:
+                raise ResourceExhausted(f"{where}: too many pixels ({e})") from e
+            except (InvalidInput, ResourceExhausted):
+                raise
+            except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many unrelated types
+                raise InvalidInput(f"{where}: cannot decode image bytes ({type(e).__name__}: {e})") from e
     raise InvalidInput(f"{where}: no image data (set encoded or tensor)")
 
 

@@ -1,7 +1,9 @@
 """``vaegan serve``: flags, logging, signals and exit codes around :class:`OutlierServer`.
 
 Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish
-within ``--grace-seconds``), 2 for a bad bundle or bad settings (one log line says why).
+within ``--grace-seconds``), 2 for a bad bundle or bad settings (one log line says why), 1 when
+the model stopped serving while running (the dynamic batcher died: health went NOT_SERVING;
+exiting lets Kubernetes restart the pod).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = ["add_serve_arguments", "main", "run_serve", "set_switch_interval"]
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_FATAL = 1
 EXIT_BAD_SETUP = 2
 
 
@@ -57,10 +60,17 @@ async def serve_until_signal(config: ServiceConfig) -> int:
             logger.error("cannot write --ready-file %s: %s", config.ready_file, e)
             await server.stop(0)
             return EXIT_BAD_SETUP
-    await stop.wait()
-    logger.info("shutting down: NOT_SERVING, draining in-flight calls for up to %.1f s", config.grace_seconds)
+    signalled, fatal = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.fatal.wait())
+    await asyncio.wait((signalled, fatal), return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    fatal.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the process at once
         loop.remove_signal_handler(sig)
+    if server.fatal.is_set():
+        logger.error("exiting: %s", server.fatal_reason)
+        await server.stop(0)
+        return EXIT_FATAL
+    logger.info("shutting down: NOT_SERVING, draining in-flight calls for up to %.1f s", config.grace_seconds)
     await server.stop(config.grace_seconds)
     return EXIT_OK
 

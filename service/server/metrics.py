@@ -8,13 +8,23 @@ servers in one process (tests) apart.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
-__all__ = ["MetricsEndpoint", "ServerMetrics", "start_metrics_endpoint"]
+from service.server.auth import BasicAuth
+
+__all__ = ["MetricsEndpoint", "MetricsSecurity", "ServerMetrics", "start_metrics_endpoint"]
+
+WSGIApp = Callable[[dict[str, Any], Any], Iterable[bytes]]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +74,13 @@ class ServerMetrics:
             buckets=SCORE_BUCKETS, registry=r,
         )
         self.model = Info("vaegan_model", "The served model and execution provider", registry=r)
+        self.inflight_pixels = Gauge(
+            "vaegan_inflight_pixels", "Decoded pixels reserved by calls in progress (--max-inflight-pixels)",
+            registry=r,
+        )
+        self.pixel_waiters = Gauge(
+            "vaegan_inflight_pixels_waiting", "Calls waiting for room in --max-inflight-pixels", registry=r
+        )
 
     def set_model(self, name: str, version: str, provider: str) -> None:
         self.model.info({"name": name, "version": version, "provider": provider})
@@ -75,9 +92,51 @@ class ServerMetrics:
             self.inference.labels(graph).observe(seconds)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        """Scrapes are not logged (one line per scrape every few seconds is noise)."""
+
+
+@dataclass(frozen=True)
+class MetricsSecurity:
+    """TLS (PEM files; a client CA makes it mutual) and basic auth for /metrics; all optional."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    basic_auth: BasicAuth | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.cert_file is None or self.key_file is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            ctx.load_verify_locations(self.client_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def wrap(self, app: WSGIApp) -> WSGIApp:
+        auth = self.basic_auth
+        if auth is None:
+            return app
+
+        def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+            if auth.check(environ.get("HTTP_AUTHORIZATION")):
+                return app(environ, start_response)
+            start_response(
+                "401 Unauthorized",
+                [("WWW-Authenticate", 'Basic realm="vaegan metrics"'), ("Content-Type", "text/plain")],
+            )
+            return [b"401 Unauthorized: /metrics needs basic auth\n"]
+
+        return guarded
+
+
 @dataclass
 class MetricsEndpoint:
-    """A running /metrics HTTP server (prometheus_client's, on a daemon thread)."""
+    """A running /metrics HTTP(S) server on a daemon thread."""
 
     server: WSGIServer
     thread: threading.Thread
@@ -92,9 +151,31 @@ class MetricsEndpoint:
         self.thread.join(timeout=5)
 
 
-def start_metrics_endpoint(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
-    """Serve ``registry`` on ``http://host:port/metrics``; port 0 picks a free one."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+def start_metrics_endpoint(
+    registry: CollectorRegistry, host: str, port: int, security: MetricsSecurity | None = None
+) -> MetricsEndpoint:
+    """Serve ``registry`` on ``http(s)://host:port/metrics``; port 0 picks a free one.
+
+    With TLS the handshake runs in each connection's own thread (not in the accepting one), so
+    a client that connects and stays silent cannot hold up other scrapes.
+    """
+    security = security or MetricsSecurity()
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    app = security.wrap(make_wsgi_app(registry))
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    ctx = security.ssl_context()
+    if ctx is not None:
+        server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    thread = threading.Thread(target=server.serve_forever, name="vaegan-metrics", daemon=True)
+    thread.start()
     endpoint = MetricsEndpoint(server, thread)
-    logger.info("metrics on http://%s:%d/metrics", host, endpoint.port)
+    scheme = "https" if ctx is not None else "http"
+    logger.info(
+        "metrics on %s://%s:%d/metrics%s", scheme, host, endpoint.port,
+        " (basic auth)" if security.basic_auth is not None else "",
+    )
     return endpoint

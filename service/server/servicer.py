@@ -1,9 +1,10 @@
 """The ``vaegan.v1.OutlierService`` servicer: validate, convert, delegate, convert back.
 
-CPU work (decoding, resizing, re-scoring, PNG encoding) runs on ``pool``; model runs go
-through the :class:`~service.server.batcher.DynamicBatcher`, which also scores each merged
-batch with the model's defaults (:mod:`service.server.pipeline`), or through the runtime on the
-pool (inpainting, repair). Errors are raised as ServiceErrors and mapped to status codes by the
+Decoding and resizing (and inpainting) run on ``decode_pool``, after the request's headers
+have reserved their pixels in the server-wide budget (:mod:`service.server.budget`); re-scoring
+and response pictures on ``respond_pool``. Model runs go through the
+:class:`~service.server.batcher.DynamicBatcher`, which also scores each merged batch with the
+model's defaults (:mod:`service.server.pipeline`). Errors are raised as ServiceErrors and mapped to status codes by the
 interceptor; nothing here touches status codes.
 """
 
@@ -29,6 +30,7 @@ from service.runtime.errors import PermissionDenied
 from service.runtime.preprocess import Prepared
 from service.server import convert
 from service.server.batcher import DynamicBatcher
+from service.server.budget import InflightPixels
 from service.server.config import ServiceConfig
 from service.server.metrics import ServerMetrics
 from service.server.pipeline import ScoredBatch
@@ -57,10 +59,15 @@ class LoadedModel:
 class OutlierServicer(pb_grpc.OutlierServiceServicer):
     """Implements the four RPCs on top of a :class:`LoadedModel` (UNAVAILABLE until attached)."""
 
-    def __init__(self, config: ServiceConfig, pool: Executor, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, config: ServiceConfig, decode_pool: Executor, respond_pool: Executor, metrics: ServerMetrics,
+        inflight: InflightPixels | None = None,
+    ) -> None:
         self.config = config
-        self.pool = pool
+        self.decode_pool = decode_pool
+        self.respond_pool = respond_pool
         self.metrics = metrics
+        self.inflight = inflight or InflightPixels(config.max_inflight_pixels)
         self.limits = convert.Limits(
             config.max_images_per_request, config.max_image_pixels, config.formats, config.max_request_pixels
         )
@@ -75,17 +82,18 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             raise ModelNotReady("the model is not loaded yet; retry shortly")
         return self._model
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    @staticmethod
+    async def _in_pool(pool: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
-    async def _in_pool_cancellable(self, fn: Callable[..., T], *args: Any) -> T:
-        """:meth:`_in_pool` for work that checks ``abandoned`` (a threading.Event) as it goes: a
-        call that is cancelled or runs out of time sets it, so the thread stops at its next
-        check instead of decoding on for nobody (work still queued is dropped by the pool)."""
+    async def _decoding(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` on the decode pool, for work that checks ``abandoned`` (a threading.Event) as it
+        goes: a call that is cancelled or runs out of time sets it, so the thread stops at its
+        next check instead of decoding on for nobody (work still queued is dropped by the pool)."""
         abandoned = threading.Event()
         try:
-            return await self._in_pool(fn, *args, abandoned=abandoned)
+            return await self._in_pool(self.decode_pool, fn, *args, abandoned=abandoned)
         except asyncio.CancelledError:
             abandoned.set()
             raise
@@ -127,14 +135,14 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
                 raise InvalidInput("options.return_repaired needs a calibrated model")
             convert.check_count(len(request.images), self.limits)
             convert.check_ids(request.images)
-            originals, prepared = await self._inputs(request, model.runtime, opts)
-            scored = await model.batcher.infer(prepared.batch)
-            if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_MAX:
-                response = self._respond(request, model.runtime, scored, originals, prepared, opts)  # cheap
+            raw = self._raw_inline(request, model.runtime, opts)
+            if raw is not None:
+                response = await self._score_prepared(request, model, [], raw, opts)
             else:
-                response = await self._in_pool(
-                    self._respond, request, model.runtime, scored, originals, prepared, opts
-                )
+                pixels = await self._in_pool(self.decode_pool, convert.declared_pixels, request.images, self.limits)
+                async with self.inflight.reserve(pixels):  # until the answer is built: originals live that long
+                    originals, prepared = await self._decoding(self._decode, request, model.runtime, opts.repaired)
+                    response = await self._score_prepared(request, model, originals, prepared, opts)
         except ServiceError as e:
             if seq is None:
                 raise
@@ -142,31 +150,37 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         self.metrics.images.labels(method).inc(len(request.images))
         return response
 
-    async def _inputs(
-        self, request: pb.ScoreRequest, rt: Runtime, opts: convert.ScoreOptions
-    ) -> tuple[list[np.ndarray], Prepared]:
-        """(decoded originals if repairs need them, the uint8 (N, H, W, C) batch at model size
-        with each input's size and channel conversion).
+    async def _score_prepared(
+        self, request: pb.ScoreRequest, model: LoadedModel, originals: list[np.ndarray], prepared: Prepared,
+        opts: convert.ScoreOptions,
+    ) -> pb.ScoreResponse:
+        scored = await model.batcher.infer(prepared.batch)
+        if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_MAX:
+            return self._respond(request, model.runtime, scored, originals, prepared, opts)  # cheap
+        return await self._in_pool(
+            self.respond_pool, self._respond, request, model.runtime, scored, originals, prepared, opts
+        )
 
-        Raw uint8 tensors at model size are read as they are: for small requests on the event
-        loop (no thread hop), else on the worker pool, where anything else is decoded."""
-        try_raw = not opts.repaired
-        if try_raw and len(request.images) <= INLINE_MAX:
-            x = convert.raw_model_batch(request.images, rt.spec, self.limits)
-            if x is not None:
-                return [], Prepared.at_model_size(x)
-            try_raw = False  # tried: not raw at model size
-        return await self._in_pool_cancellable(self._decode, request, rt, try_raw)
+    def _raw_inline(self, request: pb.ScoreRequest, rt: Runtime, opts: convert.ScoreOptions) -> Prepared | None:
+        """Small requests of raw uint8 tensors at model size are read on the event loop: no
+        thread hop and no decoding (None: anything else, decoded on the decode pool)."""
+        if opts.repaired or len(request.images) > INLINE_MAX:
+            return None
+        x = convert.raw_model_batch(request.images, rt.spec, self.limits)
+        return None if x is None else Prepared.at_model_size(x)
 
     def _decode(
-        self, request: pb.ScoreRequest, rt: Runtime, try_raw: bool, abandoned: threading.Event | None = None
+        self, request: pb.ScoreRequest, rt: Runtime, keep_originals: bool, abandoned: threading.Event | None = None
     ) -> tuple[list[np.ndarray], Prepared]:
-        if try_raw:
+        """(the decoded originals if ``keep_originals`` (repairs need them), else []; the batch at
+        model size). Raw uint8 tensors at model size are taken as they are."""
+        if not keep_originals:
             x = convert.raw_model_batch(request.images, rt.spec, self.limits)
             if x is not None:
                 return [], Prepared.at_model_size(x)
         originals = convert.decode_images(request.images, self.limits, abandoned=abandoned)
-        return originals, convert.model_inputs(originals, rt.spec, [img.id for img in request.images], abandoned)
+        prepared = convert.model_inputs(originals, rt.spec, [img.id for img in request.images], abandoned)
+        return (originals if keep_originals else []), prepared
 
     def _respond(
         self,
@@ -193,7 +207,11 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         model = self._ready()
         convert.check_count(len(request.images), self.limits)
         convert.check_ids(request.images)
-        response = await self._in_pool(self._inpaint, request, model.runtime)
+        pixels = await self._in_pool(
+            self.decode_pool, convert.declared_pixels, request.images, self.limits, masks=request.masks
+        )
+        async with self.inflight.reserve(pixels):
+            response = await self._in_pool(self.decode_pool, self._inpaint, request, model.runtime)
         self.metrics.images.labels("Inpaint").inc(len(request.images))
         return response
 

@@ -142,3 +142,76 @@ def test_a_tls_key_that_does_not_match_its_certificate_is_named(pki: Path) -> No
     """gRPC reported this as a failure to bind the port."""
     with pytest.raises(ValueError, match="tls_key_file .*client.key does not match tls_cert_file"):
         ServiceConfig(model=Path("m"), tls_cert_file=pki / "server.pem", tls_key_file=pki / "client.key")
+
+
+def _scrape(url: str, ctx=None, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url)
+    if auth is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def metrics_server(tiny_bundle: Path, rt: Runtime, pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    users = tmp_path_factory.mktemp("auth") / "metrics-users.txt"
+    users.write_text(f"# scrapers\nprometheus:{hash_token('scrape-pass')}\n")
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=0,
+                        metrics_tls_cert_file=pki / "server.pem", metrics_tls_key_file=pki / "server.key",
+                        metrics_tls_client_ca_file=pki / "ca.pem", metrics_basic_auth_file=users)
+    with ServerThread(cfg, rt) as srv:
+        yield srv
+
+
+def test_metrics_over_mutual_tls_with_basic_auth(metrics_server: ServerThread, pki: Path) -> None:
+    import ssl
+    import urllib.error
+
+    port = metrics_server.metrics_port
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(pki / "client.pem", pki / "client.key")
+    url = f"https://127.0.0.1:{port}/metrics"
+    status, body = _scrape(url, ctx, ("prometheus", "scrape-pass"))
+    assert status == 200 and "vaegan_requests_total" in body and "vaegan_inflight_pixels" in body
+    assert _scrape(url, ctx)[0] == 401  # no credentials
+    assert _scrape(url, ctx, ("prometheus", "wrong"))[0] == 401
+    assert _scrape(url, ctx, ("someone", "scrape-pass"))[0] == 401
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):  # plain HTTP is not served
+        _scrape(f"http://127.0.0.1:{port}/metrics")
+    rogue = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    rogue.load_cert_chain(pki / "rogue.pem", pki / "rogue.key")
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):  # a client cert from another CA
+        _scrape(url, rogue, ("prometheus", "scrape-pass"))
+    # a silent client that never starts its handshake does not hold up the next scrape
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        assert _scrape(url, ctx, ("prometheus", "scrape-pass"))[0] == 200
+
+
+def test_metrics_security_settings_are_checked(tmp_path: Path, pki: Path, tiny_bundle: Path) -> None:
+    from service.server.auth import BasicAuth
+
+    with pytest.raises(ValueError, match="go together"):
+        ServiceConfig(model=tiny_bundle, metrics_tls_cert_file=pki / "server.pem")
+    with pytest.raises(ValueError, match="metrics_tls_key_file .* does not match"):
+        ServiceConfig(model=tiny_bundle, metrics_tls_cert_file=pki / "server.pem", metrics_tls_key_file=pki / "client.key")
+    bad = tmp_path / "users.txt"
+    bad.write_text("prometheus:not-a-digest\n")
+    with pytest.raises(ValueError, match="line 1 is not 'user:<SHA-256 hex"):
+        BasicAuth.load(bad)
+    bad.write_text("a:b:" + hash_token("pw") + "\n")  # basic auth cannot carry a user name with a colon
+    with pytest.raises(ValueError, match="line 1"):
+        BasicAuth.load(bad)
+    import base64
+
+    ok = BasicAuth({"a": hash_token("b:pw")})  # the password may hold colons
+    assert ok.check("Basic " + base64.b64encode(b"a:b:pw").decode()) is True
+    assert ok.check("Basic !!!") is False and ok.check(None) is False and ok.check("Bearer x") is False
