@@ -10,6 +10,7 @@ __all__ = [
     "BundleError",
     "InvalidInput",
     "ModelNotReady",
+    "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
@@ -39,6 +40,12 @@ class ModelNotReady(ServiceError):
     """No model is loaded yet, or the server is shutting down."""
 
     status_name = "UNAVAILABLE"
+
+
+class NotFound(ServiceError):
+    """The caller named a model or version this server does not serve."""
+
+    status_name = "NOT_FOUND"
 
 
 class BundleError(ServiceError):

@@ -31,6 +31,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.inference.v2 import grpc_predict_v2_pb2 as oip_pb
 from protos.vaegan.v1 import outlier_service_pb2 as pb
 from service.runtime import Runtime
 from service.server.auth import BasicAuth, TokenSet
@@ -44,6 +45,7 @@ from service.server.metrics import (
     ServerMetrics,
     start_metrics_endpoint,
 )
+from service.server.oip import OIP_SERVICE, OPEN_METHODS, InferenceServicer
 from service.server.pipeline import BatchRunner, concat_scored
 from service.server.servicer import SERVICE, SERVICE_NAME, LoadedModel, OutlierServicer
 
@@ -81,6 +83,9 @@ class OutlierServer:
         self._respond_pool = ThreadPoolExecutor(config.respond_threads, thread_name_prefix="vaegan-respond")
         inflight = InflightPixels(config.max_inflight_pixels, self.metrics.inflight_pixels, self.metrics.pixel_waiters)
         self.servicer = OutlierServicer(config, self._decode_pool, self._respond_pool, self.metrics, inflight)
+        self.inference = InferenceServicer(self.servicer, _version())
+        self._draining = False
+        self.inference.serving = lambda: not (self._draining or self.fatal.is_set())
 
     async def start(self) -> BoundPorts:
         """Bind and start gRPC (health NOT_SERVING) and /metrics; returns the bound ports."""
@@ -100,9 +105,11 @@ class OutlierServer:
         tokens = TokenSet.load(cfg.auth_tokens_file) if cfg.auth_tokens_file is not None else None
         instrumented = InstrumentedServicer(self.servicer, SERVICE, self.metrics, tokens)
         add_to_server(instrumented, SERVICE, pb, server)
+        oip = InstrumentedServicer(self.inference, OIP_SERVICE, self.metrics, tokens, open_methods=OPEN_METHODS)
+        add_to_server(oip, OIP_SERVICE, oip_pb, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, OIP_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         if cfg.tls_cert_file is not None and cfg.tls_key_file is not None:
             client_ca = cfg.tls_client_ca_file.read_bytes() if cfg.tls_client_ca_file is not None else None
@@ -175,6 +182,7 @@ class OutlierServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace`` s, close."""
+        self._draining = True
         if self._health is not None:
             await self._health.enter_graceful_shutdown()  # every service NOT_SERVING
         if self.model is not None:
@@ -196,6 +204,16 @@ class OutlierServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _version() -> str:
+    """The installed vaegan version (ServerMetadata), or "unknown" when run from a source tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vaegan")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def serve(config: ServiceConfig, runtime: Runtime | None = None) -> OutlierServer:

@@ -118,10 +118,15 @@ class InstrumentedServicer:
     """``servicer``'s methods of ``service`` (a ServiceDescriptor), each wrapped once in a
     :class:`_Call`; register it in place of the servicer (``add_*Servicer_to_server``)."""
 
-    def __init__(self, servicer: object, service: Any, metrics: ServerMetrics, tokens: TokenSet | None = None) -> None:
-        """``tokens``: every call must present one of them (:mod:`service.server.auth`)."""
+    def __init__(
+        self, servicer: object, service: Any, metrics: ServerMetrics, tokens: TokenSet | None = None,
+        open_methods: frozenset[str] = frozenset(),
+    ) -> None:
+        """``tokens``: every call must present one of them (:mod:`service.server.auth`), except
+        calls of ``open_methods`` (liveness and readiness, which probes make without a token)."""
         self.metrics = metrics
         self.tokens = tokens
+        self.open_methods = open_methods
         for m in service.methods:
             behavior = getattr(servicer, m.name)
             if m.client_streaming and m.server_streaming:
@@ -135,7 +140,8 @@ class InstrumentedServicer:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             rid = _request_id(context.invocation_metadata())
             async with _Call(self.metrics, method, rid, context):
-                self._authenticate(context)
+                if method not in self.open_methods:
+                    self._authenticate(context)
                 reject_malformed(request)
                 return await behavior(request, context)
 

@@ -54,7 +54,7 @@ def test_budget_grants_in_order_waits_and_lets_cancelled_waiters_go() -> None:
         big.cancel()  # the head leaves: the small one behind it gets in at once
         await asyncio.sleep(0.01)
         assert order == ["small"] and budget.used == 70
-        assert big.cancelled()
+        assert big.cancelled() and small.done()
         budget.release(60)
         budget.release(10)
         assert budget.used == 0

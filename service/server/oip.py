@@ -1,0 +1,264 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService``.
+
+Served on the same port as ``vaegan.v1``, so a Triton or KServe client (``tritonclient.grpc``)
+can use the service as it would a Triton server. ``ModelInfer`` is a thin translation onto
+``vaegan.v1`` Score: the same validation, decode budget, dynamic batcher and scoring, so the
+two protocols give identical numbers.
+
+Inputs (one):
+
+- ``IMAGES`` ``UINT8`` ``[N, H, W, C]`` or ``[N, H, W]``: raw pixels, any size (resized by the
+  model's policy), C = 1 or 3;
+- or ``IMAGES`` ``BYTES`` ``[N]``: encoded image files (PNG, JPEG, ... as ``--image-formats``).
+
+Outputs (the first four when the request names none):
+
+=================== ======== ================= ==========================================
+name                datatype shape             what
+=================== ======== ================= ==========================================
+SCORE               FP32     [N]               calibrated outlier score
+IS_OUTLIER          BOOL     [N]               score > threshold
+TAIL_PROBABILITY    FP32     [N]               conformal p-value of the score among normals
+COMPONENTS          FP32     [N, K]            raw components, in the order of the model's
+                                               metadata parameter ``components``
+ANOMALY_MAP         FP32     [N, H, W]         at the model's size (H, W of the model)
+RECONSTRUCTION      UINT8    [N, H, W, C]      G(mu(x)) at the model's size
+REPAIRED            BYTES    [N]               each image repaired, PNG at its input size
+=================== ======== ================= ==========================================
+
+Outputs are returned in ``raw_output_contents`` (as Triton does; tritonclient reads them).
+Errors use the service's status mapping: a missing or malformed tensor is INVALID_ARGUMENT
+naming it, an unknown model or version NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from protos.inference.v2 import grpc_predict_v2_pb2 as oip
+from protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+from protos.vaegan.v1 import outlier_service_pb2 as pb
+from service.runtime import InvalidInput, ModelNotReady
+from service.runtime.errors import NotFound
+from service.runtime.scoring import ALL_COMPONENTS
+from service.server.codec import array_to_png, array_to_tensor, decode_output
+from service.server.servicer import LoadedModel, OutlierServicer
+
+__all__ = ["INPUT", "OUTPUTS", "OIP_SERVICE", "InferenceServicer", "pack_bytes", "unpack_bytes"]
+
+OIP_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+INPUT = "IMAGES"
+DEFAULT_OUTPUTS = ("SCORE", "IS_OUTLIER", "TAIL_PROBABILITY", "COMPONENTS")
+OUTPUTS = (*DEFAULT_OUTPUTS, "ANOMALY_MAP", "RECONSTRUCTION", "REPAIRED")
+PLATFORM = "vaegan"
+# calls that say whether the server is up: open like gRPC health (probes carry no token)
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+
+
+def pack_bytes(items: Sequence[bytes]) -> bytes:
+    """A BYTES tensor's raw form: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def unpack_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
+    """The ``count`` elements of a raw BYTES tensor (InvalidInput if the bytes do not add up)."""
+    out, pos = [], 0
+    view = memoryview(raw)
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise InvalidInput(f"{where}: raw BYTES contents end before element {i} of {count}")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise InvalidInput(f"{where}: element {i} declares {n} bytes, only {len(raw) - pos} remain")
+        out.append(bytes(view[pos : pos + n]))
+        pos += n
+    if pos != len(raw):
+        raise InvalidInput(f"{where}: {len(raw) - pos} bytes left after the {count} elements of shape [{count}]")
+    return out
+
+
+def _images(request: oip.ModelInferRequest) -> list[pb.Image]:
+    """The request's IMAGES tensor as vaegan.v1 Images (raw uint8 tensors or encoded files)."""
+    names = [t.name for t in request.inputs]
+    if names.count(INPUT) != 1 or len(names) != 1:
+        raise InvalidInput(f"inputs: expected exactly one input named '{INPUT}', got {names or 'none'}")
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents: {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs"
+        )
+    t = request.inputs[0]
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    shape = [int(s) for s in t.shape]
+    where = f"input '{INPUT}'"
+    if any(s < 0 for s in shape):
+        raise InvalidInput(f"{where}: negative dimension in shape {shape}")
+    if t.datatype == "BYTES":
+        if len(shape) != 1:
+            raise InvalidInput(f"{where}: a BYTES tensor of encoded images has shape [N], got {shape}")
+        files = unpack_bytes(raw, shape[0], where) if raw is not None else list(t.contents.bytes_contents)
+        if len(files) != shape[0]:
+            raise InvalidInput(f"{where}: shape {shape} but {len(files)} elements in contents")
+        return [pb.Image(encoded=f) for f in files]  # errors name "image <index>"
+    if t.datatype == "UINT8":
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
+            raise InvalidInput(f"{where}: a UINT8 tensor has shape [N, H, W] or [N, H, W, C] with C 1 or 3, got {shape}")
+        count = int(np.prod(shape, dtype=np.int64))
+        if raw is not None:
+            if len(raw) != count:
+                raise InvalidInput(f"{where}: shape {shape} needs {count} bytes, raw contents have {len(raw)}")
+            arr = np.frombuffer(raw, np.uint8).reshape(shape)
+        else:
+            values = t.contents.uint_contents
+            if len(values) != count:
+                raise InvalidInput(f"{where}: shape {shape} needs {count} values, uint_contents has {len(values)}")
+            arr = np.asarray(values, np.uint32)
+            if arr.size and int(arr.max()) > 255:
+                raise InvalidInput(f"{where}: UINT8 values above 255 in uint_contents")
+            arr = arr.astype(np.uint8).reshape(shape)
+        return [pb.Image(tensor=array_to_tensor(a)) for a in arr]
+    raise InvalidInput(f"{where}: datatype must be UINT8 (pixels) or BYTES (encoded files), got {t.datatype!r}")
+
+
+def _requested(request: oip.ModelInferRequest) -> list[str]:
+    names = [o.name for o in request.outputs] or list(DEFAULT_OUTPUTS)
+    unknown = [n for n in names if n not in OUTPUTS]
+    if unknown:
+        raise InvalidInput(f"outputs: unknown output {unknown[0]!r} (this model has {', '.join(OUTPUTS)})")
+    return names
+
+
+class _Output:
+    """How one output is built from the vaegan.v1 results."""
+
+    def __init__(self, datatype: str, build: Callable[[Sequence[pb.ImageScore]], np.ndarray | list[bytes]]) -> None:
+        self.datatype = datatype
+        self.build = build
+
+
+def _components(model: LoadedModel) -> list[str]:
+    """The components every result carries, in the runtime's order (disc_local only with D's
+    per-pixel head)."""
+    return [c for c in ALL_COMPONENTS if c != "disc_local" or model.runtime.bundle.patch_head]
+
+
+def _raw_tensor(name: str, datatype: str, value: np.ndarray | list[bytes]) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
+    if isinstance(value, list):
+        return oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=[len(value)]), pack_bytes(value)
+    tensor = oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=list(value.shape))
+    return tensor, np.ascontiguousarray(value).tobytes()
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """OIP calls onto an :class:`OutlierServicer` (which owns the model and its batcher)."""
+
+    def __init__(self, outlier: OutlierServicer, server_version: str) -> None:
+        self.outlier = outlier
+        self.server_version = server_version
+        self.serving: Callable[[], bool] = lambda: True  # the server says when it stops serving
+
+    def _model(self, name: str, version: str) -> LoadedModel:
+        model = self.outlier._model
+        if model is None:
+            raise ModelNotReady("the model is not loaded yet; retry shortly")
+        bundle = model.runtime.bundle
+        if name and name != bundle.name:
+            raise NotFound(f"model {name!r} is not served here (this server serves {bundle.name!r})")
+        if version and version != bundle.version:
+            raise NotFound(f"model {bundle.name!r} has no version {version!r} here (served: {bundle.version!r})")
+        return model
+
+    async def ServerLive(self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.outlier._model is not None and self.serving())
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext) -> oip.ModelReadyResponse:
+        try:
+            self._model(request.name, request.version)
+        except (ModelNotReady, NotFound):  # as Triton: not ready, rather than an error
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=self.serving())
+
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="vaegan", version=self.server_version, extensions=[])
+
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        model = self._model(request.name, request.version)
+        rt = model.runtime
+        s = rt.spec
+        meta = oip.ModelMetadataResponse.TensorMetadata
+        k = len(_components(model))
+        return oip.ModelMetadataResponse(
+            name=rt.bundle.name, versions=[rt.bundle.version], platform=PLATFORM,
+            inputs=[meta(name=INPUT, datatype="UINT8", shape=[-1, -1, -1, s.channels])],
+            outputs=[
+                meta(name="SCORE", datatype="FP32", shape=[-1]),
+                meta(name="IS_OUTLIER", datatype="BOOL", shape=[-1]),
+                meta(name="TAIL_PROBABILITY", datatype="FP32", shape=[-1]),
+                meta(name="COMPONENTS", datatype="FP32", shape=[-1, k]),
+                meta(name="ANOMALY_MAP", datatype="FP32", shape=[-1, s.height, s.width]),
+                meta(name="RECONSTRUCTION", datatype="UINT8", shape=[-1, s.height, s.width, s.channels]),
+                meta(name="REPAIRED", datatype="BYTES", shape=[-1]),
+            ],
+        )
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version)
+        names = _requested(request)
+        score_request = pb.ScoreRequest(
+            images=_images(request),
+            options=pb.ScoreOptions(
+                return_anomaly_map="ANOMALY_MAP" in names,
+                return_reconstruction="RECONSTRUCTION" in names,
+                return_repaired="REPAIRED" in names,
+                image_format=pb.IMAGE_FORMAT_RAW,
+            ),
+        )
+        results = (await self.outlier._score(score_request, "ModelInfer")).results
+        outputs = self._outputs(model)
+        response = oip.ModelInferResponse(
+            model_name=model.runtime.bundle.name, model_version=model.runtime.bundle.version, id=request.id
+        )
+        for name in names:
+            out = outputs[name]
+            tensor, raw = _raw_tensor(name, out.datatype, out.build(results))
+            response.outputs.append(tensor)
+            response.raw_output_contents.append(raw)
+        return response
+
+    def _outputs(self, model: LoadedModel) -> dict[str, _Output]:
+        comps = _components(model)
+
+        def column(get: Callable[[pb.ImageScore], Any], dtype: Any) -> Callable[[Sequence[pb.ImageScore]], np.ndarray]:
+            return lambda rs: np.array([get(r) for r in rs], dtype)
+
+        def components(rs: Sequence[pb.ImageScore]) -> np.ndarray:
+            return np.array([[getattr(r.components, c) for c in comps] for r in rs], "<f4").reshape(len(rs), len(comps))
+
+        def pictures(field: str) -> Callable[[Sequence[pb.ImageScore]], np.ndarray]:
+            return lambda rs: np.stack([decode_output(getattr(r, field)) for r in rs])
+
+        return {
+            "SCORE": _Output("FP32", column(lambda r: r.score, "<f4")),
+            "IS_OUTLIER": _Output("BOOL", column(lambda r: r.is_outlier, np.bool_)),
+            "TAIL_PROBABILITY": _Output("FP32", column(lambda r: r.tail_probability, "<f4")),
+            "COMPONENTS": _Output("FP32", components),
+            "ANOMALY_MAP": _Output("FP32", lambda rs: pictures("anomaly_map")(rs).astype("<f4")),
+            "RECONSTRUCTION": _Output("UINT8", lambda rs: _nhwc(pictures("reconstruction")(rs))),
+            "REPAIRED": _Output("BYTES", lambda rs: [array_to_png(decode_output(r.repaired)) for r in rs]),
+        }
+
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+    return x[..., None] if x.ndim == 3 else x

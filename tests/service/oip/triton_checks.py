@@ -1,0 +1,82 @@
+"""Run by tests/service/test_oip.py in its own interpreter: the real Triton client against a
+vaegan server. tritonclient registers its own ``inference`` protobuf package, which would clash
+with the service's in one process, so the checks run here and print what they saw as JSON.
+
+    python tests/service/oip/triton_checks.py HOST:PORT MODEL VERSION IMAGES.npy
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import numpy as np
+import tritonclient.grpc as tc
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _input(name: str, data: np.ndarray, datatype: str) -> tc.InferInput:
+    inp = tc.InferInput(name, list(data.shape), datatype)
+    inp.set_data_from_numpy(data)
+    return inp
+
+
+def _error(fn) -> list[str]:
+    try:
+        fn()
+    except InferenceServerException as e:
+        return [str(e.status()), str(e.message())]
+    return ["OK", ""]
+
+
+def main(url: str, model: str, version: str, images_path: str) -> dict:
+    images = np.load(images_path)  # (N, H, W, 3) uint8
+    c = tc.InferenceServerClient(url)
+    out: dict = {
+        "live": c.is_server_live(),
+        "ready": c.is_server_ready(),
+        "model_ready": c.is_model_ready(model),
+        "model_version_ready": c.is_model_ready(model, version),
+        "other_ready": c.is_model_ready("other"),
+        "bad_version_ready": c.is_model_ready(model, "999"),
+        "server_metadata": c.get_server_metadata(as_json=True),
+        "model_metadata": c.get_model_metadata(model, as_json=True),
+        "unknown_metadata": _error(lambda: c.get_model_metadata("no-such-model")),
+    }
+    names = ("SCORE", "IS_OUTLIER", "TAIL_PROBABILITY", "COMPONENTS", "ANOMALY_MAP", "RECONSTRUCTION")
+    r = c.infer(model, [_input("IMAGES", images, "UINT8")], outputs=[tc.InferRequestedOutput(n) for n in names],
+                request_id="r-1")
+    out["uint8"] = {n: r.as_numpy(n).tolist() for n in names}
+    out["uint8_dtypes"] = {n: str(r.as_numpy(n).dtype) for n in names}
+    out["uint8_id"] = r.get_response().id
+    files = np.array([_png(a) for a in images], dtype=np.object_)
+    r = c.infer(model, [_input("IMAGES", files, "BYTES")], outputs=[tc.InferRequestedOutput("SCORE"), tc.InferRequestedOutput("REPAIRED")])
+    out["bytes_score"] = r.as_numpy("SCORE").tolist()
+    out["repaired_shapes"] = [list(np.asarray(Image.open(io.BytesIO(b))).shape) for b in r.as_numpy("REPAIRED")]
+    r = c.infer(model, [_input("IMAGES", np.ascontiguousarray(images[:1, :, :, 0]), "UINT8")])
+    out["default_outputs"] = [o.name for o in r.get_response().outputs]
+    out["grey_score"] = r.as_numpy("SCORE").tolist()
+    x = _input("IMAGES", images, "UINT8")
+    out["errors"] = {
+        "fp32": _error(lambda: c.infer(model, [_input("IMAGES", np.zeros((1, 4, 4, 3), np.float32), "FP32")])),
+        "wrong_name": _error(lambda: c.infer(model, [_input("PIXELS", np.zeros((1, 4, 4, 3), np.uint8), "UINT8")])),
+        "five_channels": _error(lambda: c.infer(model, [_input("IMAGES", np.zeros((1, 4, 4, 5), np.uint8), "UINT8")])),
+        "not_an_image": _error(lambda: c.infer(model, [_input("IMAGES", np.array([b"not an image"], dtype=np.object_), "BYTES")])),
+        "unknown_model": _error(lambda: c.infer("other", [x])),
+        "unknown_version": _error(lambda: c.infer(model, [x], model_version="999")),
+        "unknown_output": _error(lambda: c.infer(model, [x], outputs=[tc.InferRequestedOutput("LOGITS")])),
+    }
+    c.close()
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(*sys.argv[1:5])))
