@@ -66,9 +66,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.batch.decode import decode_chunk  # noqa: E402
-from service.runtime import Runtime  # noqa: E402
-from service.runtime.preprocess import ImageSpec  # noqa: E402
+from vaegan.service.batch.decode import decode_chunk  # noqa: E402
+from vaegan.service.runtime import Runtime  # noqa: E402
+from vaegan.service.runtime.preprocess import ImageSpec  # noqa: E402
 
 MNIST_IMAGES = 20_000
 MNIST_QUICK = 4_000
@@ -104,7 +104,7 @@ def _prepare(work: Path, name: str, count: int, dataset: str, root: Path | None,
     folder = work / "data" / name
     marker = folder / "done.json"
     if not _done(marker, count):
-        from trainer.data import load_dataset
+        from vaegan.trainer.data import load_dataset
 
         print(f"writing {count:,} {dataset} images to {folder / ext} ...", flush=True)
         data = load_dataset(dataset, root, "train", spec, limit=count)

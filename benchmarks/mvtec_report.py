@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime.preprocess import Box, ImageSpec, model_region
-from service.runtime.regions import pixel_counts, pro_counts
-from service.runtime.scoring import conformal_rank, gaussian_blur
-from service.runtime.stats import auroc, bootstrap_ci, rates_at_threshold
-from trainer.data import ImageSet
-from trainer.evaluate import AU_PRO_MAX_FPR, CONFIDENCE
+from vaegan.service.runtime.preprocess import Box, ImageSpec, model_region
+from vaegan.service.runtime.regions import pixel_counts, pro_counts
+from vaegan.service.runtime.scoring import conformal_rank, gaussian_blur
+from vaegan.service.runtime.stats import auroc, bootstrap_ci, rates_at_threshold
+from vaegan.trainer.data import ImageSet
+from vaegan.trainer.evaluate import AU_PRO_MAX_FPR, CONFIDENCE
 
 __all__ = [
     "PUBLISHED",
@@ -89,7 +89,7 @@ PUBLISHED: list[dict[str, Any]] = [
 def image_box(root: str | Path, ids: Sequence[str], spec: ImageSpec) -> Box:
     """The model-frame box (top, left, height, width) the images ``ids`` (paths relative to
     ``root``) land in: :func:`model_region` of their decoded size. All must share one size."""
-    from trainer.data.folder import read_image
+    from vaegan.trainer.data.folder import read_image
 
     sizes = {read_image(Path(root) / i).shape[:2] for i in ids}
     assert len(sizes) == 1, f"test images differ in size ({sorted(sizes)}); one crop cannot fit them all"
@@ -421,11 +421,11 @@ def save_top10(
 
 # ---- the run ----------------------------------------------------------------------------
 def _model_row(args: argparse.Namespace, seed: int, spec: ImageSpec, test: ImageSet, box: Box) -> tuple[dict, Any]:
-    from models import ModelConfig
-    from service.runtime import Runtime
-    from trainer.config import TrainConfig
-    from trainer.evaluate import evaluate
-    from trainer.pipeline import train_and_export
+    from vaegan.models import ModelConfig
+    from vaegan.service.runtime import Runtime
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.evaluate import evaluate
+    from vaegan.trainer.pipeline import train_and_export
 
     options = {**args.variant_options, **({"adv_weight": args.adv_weight} if args.adv_weight is not None else {})}
     options.update(args.train_overrides)
@@ -480,8 +480,8 @@ def _model_row(args: argparse.Namespace, seed: int, spec: ImageSpec, test: Image
 
 def run(args: argparse.Namespace) -> int:
     """``one_class.py --dataset mvtec``: every seed, the baselines, the table, JSON and PNG."""
-    from trainer.data import DatasetError, load_dataset
-    from trainer.pipeline import image_spec_for
+    from vaegan.trainer.data import DatasetError, load_dataset
+    from vaegan.trainer.pipeline import image_spec_for
 
     t_start = time.perf_counter()
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
@@ -499,7 +499,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info("mvtec: %d test images (%s), model %dx%d %s, image region %s", len(test),
                 {n: int((test.labels == i).sum()) for i, n in enumerate(test.class_names)}, spec.height, spec.width,
                 spec.resize, box)
-    from trainer.config import TrainConfig
+    from vaegan.trainer.config import TrainConfig
 
     target_fpr = float(args.train_overrides.get("target_fpr", TrainConfig().target_fpr))
     t0 = time.perf_counter()

@@ -31,12 +31,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models import ModelConfig  # noqa: E402
-from service.runtime import Runtime  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import load_dataset  # noqa: E402
-from trainer.evaluate import evaluate  # noqa: E402
-from trainer.pipeline import image_spec_for, train_and_export  # noqa: E402
+from vaegan.models import ModelConfig  # noqa: E402
+from vaegan.service.runtime import Runtime  # noqa: E402
+from vaegan.trainer.config import TrainConfig  # noqa: E402
+from vaegan.trainer.data import load_dataset  # noqa: E402
+from vaegan.trainer.evaluate import evaluate  # noqa: E402
+from vaegan.trainer.pipeline import image_spec_for, train_and_export  # noqa: E402
 
 # published mean AUROC (%) on the same protocol: (MNIST, CIFAR-10)
 ANCHORS = {"Deep SVDD": (94.8, 64.8), "OCGAN": (97.5, 65.6), "DCAE": (89.7, 59.4), "AnoGAN": (91.3, 61.8)}

@@ -5,7 +5,7 @@
 Baseline: :meth:`Runtime.forward_images` on uint8 batches at model size (what the server's
 model worker runs), no server, measured just before and just after each service scenario; the
 scenario's ratio uses the mean of those two (this machine's speed drifts over minutes).
-Service: ``python -m service.server`` in a subprocess, driven by a grpc.aio client in this
+Service: ``python -m vaegan.service.server`` in a subprocess, driven by a grpc.aio client in this
 process with pre-built requests (raw uint8 tensors at model size), so the service's numbers
 include gRPC, decoding, preprocessing, batching, scoring and response building.
 
@@ -43,11 +43,11 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb  # noqa: E402
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc  # noqa: E402
-from service.runtime import Runtime  # noqa: E402
-from service.server.codec import array_to_tensor  # noqa: E402
-from service.server.config import ServiceConfig  # noqa: E402
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb  # noqa: E402
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc  # noqa: E402
+from vaegan.service.runtime import Runtime  # noqa: E402
+from vaegan.service.server.codec import array_to_tensor  # noqa: E402
+from vaegan.service.server.config import ServiceConfig  # noqa: E402
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -80,13 +80,13 @@ def _mean_rows(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- the service ----------------------------------------------------------------------------
 class Server:
-    """``python -m service.server`` in a subprocess, until closed."""
+    """``python -m vaegan.service.server`` in a subprocess, until closed."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.tmp = tempfile.TemporaryDirectory()
         ready = Path(self.tmp.name) / "ready.json"
         cmd = [
-            sys.executable, "-m", "service.server", "--model", str(args.model), "--host", "127.0.0.1",
+            sys.executable, "-m", "vaegan.service.server", "--model", str(args.model), "--host", "127.0.0.1",
             "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready),
             "--providers", args.providers, "--intra-op-threads", str(args.intra_op_threads),
             "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
@@ -123,7 +123,7 @@ async def drive(
     a vaegan.v1 method, or ``ModelInfer`` (the Open Inference Protocol)."""
     import grpc
 
-    from protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+    from vaegan.protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 
     if n_images is None:
         n_images = len(getattr(request, "images", [None]))
@@ -162,7 +162,7 @@ def make_request(rt: Runtime, n: int) -> pb.ScoreRequest:
 def make_oip_request(rt: Runtime, n: int) -> Any:
     """The same images as :func:`make_request`, as an OIP ModelInferRequest with raw contents
     (what tritonclient sends)."""
-    from protos.inference.v2 import grpc_predict_v2_pb2 as oip
+    from vaegan.protos.inference.v2 import grpc_predict_v2_pb2 as oip
 
     s = rt.spec
     imgs = np.random.default_rng(1).integers(0, 256, (n, s.height, s.width, s.channels), dtype=np.uint8)

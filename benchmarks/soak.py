@@ -2,7 +2,7 @@
 
     python benchmarks/soak.py --model runs/demo/bundle --clients 64 --minutes 10
 
-Method: ``python -m service.server`` in a subprocess (server defaults, ``--providers cpu``,
+Method: ``python -m vaegan.service.server`` in a subprocess (server defaults, ``--providers cpu``,
 ``--log-level WARNING``, its log kept aside and scanned for errors), driven from this process by
 ``--clients`` grpc.aio loops (one channel, i.e. one connection, per 8 clients) for ``--minutes``.
 Each loop picks its next request at random from a fixed mix, all built once up front:
@@ -70,9 +70,9 @@ sys.path.insert(0, str(REPO))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb  # noqa: E402
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc  # noqa: E402
-from service.server.codec import array_to_tensor  # noqa: E402
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb  # noqa: E402
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc  # noqa: E402
+from vaegan.service.server.codec import array_to_tensor  # noqa: E402
 
 SERVICE = "vaegan.v1.OutlierService"
 MIB = 1024.0  # /proc reports kB
@@ -86,14 +86,14 @@ CHANNEL_OPTIONS = [
 
 # ---- the server -----------------------------------------------------------------------------
 class Server:
-    """``python -m service.server`` in a subprocess; its stderr goes to a log file."""
+    """``python -m vaegan.service.server`` in a subprocess; its stderr goes to a log file."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="vaegan-soak-")
         ready = Path(self.tmp.name) / "ready.json"
         self.log_path = Path(self.tmp.name) / "server.log"
         self.cmd = [
-            sys.executable, "-m", "service.server", "--model", str(args.model), "--host", "127.0.0.1",
+            sys.executable, "-m", "vaegan.service.server", "--model", str(args.model), "--host", "127.0.0.1",
             "--port", "0", "--metrics-port", "0", "--ready-file", str(ready),
             "--providers", args.providers, "--log-level", args.server_log_level,
             *args.server_args,

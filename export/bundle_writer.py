@@ -9,18 +9,18 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from export.onnx_export import IR_VERSION, OPSET, PARITY_TOLERANCE, export_graphs
-from models import VAEGAN
-from service.runtime.bundle import (
+from vaegan.export.onnx_export import IR_VERSION, OPSET, PARITY_TOLERANCE, export_graphs
+from vaegan.models import VAEGAN
+from vaegan.service.runtime.bundle import (
     FORMAT_VERSION,
     GRAPHS,
     PIPELINE,
     graph_signatures,
     write_manifest,
 )
-from service.runtime.compose import compose_pipeline
-from service.runtime.preprocess import ImageSpec
-from service.runtime.scoring import Calibration
+from vaegan.service.runtime.compose import compose_pipeline
+from vaegan.service.runtime.preprocess import ImageSpec
+from vaegan.service.runtime.scoring import Calibration
 
 __all__ = ["build_manifest", "git_revision", "write_bundle", "write_pipeline"]
 

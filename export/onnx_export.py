@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models import VAEGAN
-from service.runtime.bundle import GRAPHS, graph_signatures
-from service.runtime.preprocess import ImageSpec
+from vaegan.models import VAEGAN
+from vaegan.service.runtime.bundle import GRAPHS, graph_signatures
+from vaegan.service.runtime.preprocess import ImageSpec
 
 __all__ = ["OPSET", "IR_VERSION", "PARITY_TOLERANCE", "ExportError", "export_graphs"]
 

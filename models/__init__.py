@@ -1,11 +1,11 @@
 """The VAE-GAN networks and losses: torch ``nn.Module``s only, no I/O."""
 
-from models.config import ModelConfig
-from models.discriminator import Discriminator
-from models.encoder import Encoder
-from models.generator import Generator
-from models.losses import AdversarialLoss, KLDivergence, ReconstructionLoss
-from models.vaegan import VAEGAN, reparameterize
+from vaegan.models.config import ModelConfig
+from vaegan.models.discriminator import Discriminator
+from vaegan.models.encoder import Encoder
+from vaegan.models.generator import Generator
+from vaegan.models.losses import AdversarialLoss, KLDivergence, ReconstructionLoss
+from vaegan.models.vaegan import VAEGAN, reparameterize
 
 __all__ = [
     "VAEGAN",

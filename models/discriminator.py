@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from models.config import ModelConfig
-from models.layers import crop_from_canvas, pad_to_canvas
+from vaegan.models.config import ModelConfig
+from vaegan.models.layers import crop_from_canvas, pad_to_canvas
 
 __all__ = ["Discriminator"]
 

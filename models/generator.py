@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelConfig
-from models.layers import crop_from_canvas
+from vaegan.models.config import ModelConfig
+from vaegan.models.layers import crop_from_canvas
 
 __all__ = ["Generator"]
 

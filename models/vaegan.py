@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelConfig
-from models.discriminator import Discriminator
-from models.encoder import Encoder
-from models.generator import Generator
+from vaegan.models.config import ModelConfig
+from vaegan.models.discriminator import Discriminator
+from vaegan.models.encoder import Encoder
+from vaegan.models.generator import Generator
 
 __all__ = ["VAEGAN", "reparameterize"]
 

@@ -4,8 +4,9 @@
     python protos/generate.py --out DIR    # write the tree under DIR instead (the drift test)
 
 The repository root is the include path, so ``protos/vaegan/v1/outlier_service.proto`` keeps
-that name inside the descriptors and the generated modules import as
-``protos.vaegan.v1.outlier_service_pb2``. Output: ``*_pb2.py``, ``*_pb2.pyi`` (types) and
+that name inside the descriptors. The folder installs as the package ``vaegan.protos``, so the
+generated modules' own imports are rewritten from ``protos.`` to ``vaegan.protos.`` (the one
+post-processing step). Output: ``*_pb2.py``, ``*_pb2.pyi`` (types) and
 ``*_pb2_grpc.py``. The result depends only on the .proto files and the grpcio-tools version
 pinned in pyproject.toml.
 """
@@ -52,6 +53,11 @@ def generate(out_dir: Path = REPO_ROOT) -> list[Path]:
     for f in files:
         stem = out_dir / f.parent / f.stem
         out += [Path(f"{stem}_pb2.py"), Path(f"{stem}_pb2.pyi"), Path(f"{stem}_pb2_grpc.py")]
+    for path in out:
+        text = path.read_text()
+        fixed = text.replace("from protos.", "from vaegan.protos.").replace("'protos.", "'vaegan.protos.")
+        if fixed != text:
+            path.write_text(fixed)
     return out
 
 

@@ -36,9 +36,9 @@ import grpc
 import numpy as np
 from PIL import Image, ImageOps
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.server.codec import array_to_tensor, decode_output
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.server.codec import array_to_tensor, decode_output
 
 __all__ = ["ImageInput", "ImageScore", "ModelInfo", "OutlierClient", "OutlierClientError"]
 

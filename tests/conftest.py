@@ -20,9 +20,9 @@ TINY_TRAIN = {"epochs": 3, "batch_size": 32, "max_train": 768, "seed": 0, "adv_l
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     """(TrainOutcome, TrainConfig, ModelConfig, ImageSpec) of a tiny synthetic run."""
     torch = pytest.importorskip("torch")
-    from models import ModelConfig
-    from trainer.config import TrainConfig
-    from trainer.pipeline import image_spec_for, train_and_export
+    from vaegan.models import ModelConfig
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.pipeline import image_spec_for, train_and_export
 
     torch.set_num_threads(2)
     run_dir = tmp_path_factory.mktemp("tiny_run")

@@ -19,8 +19,8 @@ from benchmarks.mvtec_report import (
     measure,
     ordered_types,
 )
-from service.runtime.preprocess import ImageSpec
-from trainer.data import load_dataset
+from vaegan.service.runtime.preprocess import ImageSpec
+from vaegan.trainer.data import load_dataset
 
 SPEC = ImageSpec(channels=3, height=16, width=16)  # letterbox: 16 x 12 images get 2-px side bands
 SIZE = (16, 12)  # (H, W) of every image, like the tyre's 256 x 192

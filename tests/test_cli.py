@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.runtime import Runtime
 from vaegan.cli import main
+from vaegan.service.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--latent-dim", "8", "--base-width", "8", "--batch-size", "32", "--max-train", "96", "--no-progress"]
@@ -43,8 +43,8 @@ def test_bad_arguments_give_one_line_and_exit_2(argv: list[str], needle: str) ->
 
 def test_train_flags_default_to_the_train_config_defaults() -> None:
     """The CLI spells its defaults out (its parser must not import trainer); they must agree."""
-    from trainer.config import TrainConfig
     from vaegan.cli import _train_configs, build_parser
+    from vaegan.trainer.config import TrainConfig
 
     cfg, _, _ = _train_configs(build_parser().parse_args(["train", "--out", "x"]))
     d = TrainConfig()
@@ -99,8 +99,8 @@ def test_inpaint_cli_mask_and_auto(tiny_bundle: Path, tmp_path: Path, capsys) ->
     import numpy as np
     from PIL import Image
 
-    from service.runtime import Runtime
-    from trainer.data import load_dataset
+    from vaegan.service.runtime import Runtime
+    from vaegan.trainer.data import load_dataset
 
     test = load_dataset("synthetic", None, "test", None, limit=6)
     img = test.images[5]  # odd indices are defective

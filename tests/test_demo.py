@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.runtime import Runtime
 from vaegan.cli import main
+from vaegan.service.runtime import Runtime
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:

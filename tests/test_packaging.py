@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.runtime import session
 from tests.blocking import run_blocked
+from vaegan.service.runtime import session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_cuda_on_this_machine_exits_2_in_one_line(tiny_bundle: Path) -> None:
 
 def test_an_old_bundle_serves_without_onnx_installed(tiny_bundle: Path, tmp_path: Path) -> None:
     """A serving install has no onnx: a bundle without pipeline.onnx runs its three graphs."""
-    from service.runtime.bundle import PIPELINE, write_manifest
+    from vaegan.service.runtime.bundle import PIPELINE, write_manifest
 
     old = tmp_path / "old"
     shutil.copytree(tiny_bundle, old)
@@ -85,7 +85,7 @@ def test_an_old_bundle_serves_without_onnx_installed(tiny_bundle: Path, tmp_path
     body = (
         "import logging, numpy as np\n"
         "logging.basicConfig(level=logging.WARNING)\n"
-        "from service.runtime import Runtime\n"
+        "from vaegan.service.runtime import Runtime\n"
         f"rt = Runtime.load({str(old)!r}, providers='cpu')\n"
         "res = rt.score(np.zeros((2, 32, 32, 3), np.uint8))\n"
         "print(rt.pipeline is None, len(res.score))\n"

@@ -16,18 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime import Calibration, Runtime
-from service.runtime.bundle import bundle_files, load_bundle, write_manifest
-from service.runtime.preprocess import denormalize
-from service.runtime.scoring import (
+from vaegan.service.runtime import Calibration, Runtime
+from vaegan.service.runtime.bundle import bundle_files, load_bundle, write_manifest
+from vaegan.service.runtime.preprocess import denormalize
+from vaegan.service.runtime.scoring import (
     anomaly_map,
     combined_map,
     component_stats,
     local_maps,
     raw_components,
 )
-from trainer.guards import calibration_size_report, collapse_report, fired_warnings, log_warnings
-from trainer.selection import corrupt, select_map_weights, select_weights
+from vaegan.trainer.guards import (
+    calibration_size_report,
+    collapse_report,
+    fired_warnings,
+    log_warnings,
+)
+from vaegan.trainer.selection import corrupt, select_map_weights, select_weights
 
 __all__ = ["calibrate_bundle", "components_of"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from models import VAEGAN, ModelConfig
+from vaegan.models import VAEGAN, ModelConfig
 
 __all__ = ["load_checkpoint", "model_from_checkpoint", "network_states", "save_checkpoint"]
 

@@ -21,17 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime import Runtime
-from service.runtime.regions import pixel_counts, pro_counts
-from service.runtime.stats import (
+from vaegan.service.runtime import Runtime
+from vaegan.service.runtime.regions import pixel_counts, pro_counts
+from vaegan.service.runtime.stats import (
     auroc,
     average_precision,
     bootstrap_ci,
     rates_at_threshold,
     roc_curve,
 )
-from service.runtime.visualize import save_grid
-from trainer.data import ImageSet
+from vaegan.service.runtime.visualize import save_grid
+from vaegan.trainer.data import ImageSet
 
 __all__ = ["AU_PRO_MAX_FPR", "CONFIDENCE", "Evaluation", "evaluate", "write_report"]
 
@@ -119,7 +119,7 @@ def evaluate(
         "images_per_second": len(data) / seconds if seconds > 0 else None,
         "provider": rt.provider,
     }
-    from trainer.guards import collapse_report
+    from vaegan.trainer.guards import collapse_report
 
     normal = labels == 0 if (labels == 0).any() else np.ones(len(labels), bool)
     report["collapse"] = collapse_report(recon[normal], data.images[normal])  # guard rails

@@ -17,19 +17,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
-from service.runtime.preprocess import ImageSpec, normalize
-from service.runtime.scoring import raw_components
-from trainer.checkpoint import (
+from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
+from vaegan.service.runtime.preprocess import ImageSpec, normalize
+from vaegan.service.runtime.scoring import raw_components
+from vaegan.trainer.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     network_states,
     save_checkpoint,
 )
-from trainer.config import TrainConfig
-from trainer.data import ImageSet
-from trainer.selection import corrupt, select_weights
-from trainer.step import Losses, Optimizers, random_masks, train_step
+from vaegan.trainer.config import TrainConfig
+from vaegan.trainer.data import ImageSet
+from vaegan.trainer.selection import corrupt, select_weights
+from vaegan.trainer.step import Losses, Optimizers, random_masks, train_step
 
 __all__ = ["RunResult", "components_torch", "fit", "resolve_device", "split_normal", "to_tensor"]
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from models import ModelConfig
-from service.runtime.preprocess import ImageSpec
-from trainer.config import TrainConfig
-from trainer.data import NATIVE, DatasetError, ImageSet, load_dataset
-from trainer.loop import RunResult, fit, split_normal
-from trainer.selection import part_record, split_held_out
+from vaegan.models import ModelConfig
+from vaegan.service.runtime.preprocess import ImageSpec
+from vaegan.trainer.config import TrainConfig
+from vaegan.trainer.data import NATIVE, DatasetError, ImageSet, load_dataset
+from vaegan.trainer.loop import RunResult, fit, split_normal
+from vaegan.trainer.selection import part_record, split_held_out
 
 __all__ = [
     "NormalSplit",
@@ -93,7 +93,7 @@ def image_spec_for(
     """
     native_c, native_s = NATIVE[dataset]
     if dataset == "folder" and data_root is not None and (image_size is None or channels is None):
-        from trainer.data.folder import folder_defaults
+        from vaegan.trainer.data.folder import folder_defaults
 
         found = folder_defaults(Path(data_root).expanduser())
         if found is not None:
@@ -173,9 +173,9 @@ def _bundle_from_checkpoint(
     held-out parts, calibrate the bundle on them (weights and mean/std from the selection
     part, threshold from the calibration part; guard rails logged and recorded). Returns the
     manifest as written."""
-    from export import write_bundle
-    from trainer.calibrate import calibrate_bundle
-    from trainer.checkpoint import model_from_checkpoint
+    from vaegan.export import write_bundle
+    from vaegan.trainer.calibrate import calibrate_bundle
+    from vaegan.trainer.checkpoint import model_from_checkpoint
 
     cfg = TrainConfig.from_dict(ckpt["train_config"])
     training = training_summary(
@@ -202,7 +202,7 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """``vaegan export``: ONNX + manifest from a checkpoint; calibrated on the held-out split
     that training used (rebuilt from the configs inside the checkpoint) unless told not to."""
-    from trainer.checkpoint import load_checkpoint
+    from vaegan.trainer.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     n_train, split = 0, None
@@ -241,7 +241,7 @@ def train_and_export(
     run = fit(cfg, model_cfg, spec, train, split.selection, run_dir, resume=resume, tensorboard=tensorboard, progress=progress)
     bundle_dir = run_dir / "bundle"
     chosen = select_checkpoint(run, cfg.select_checkpoint)
-    from trainer.checkpoint import load_checkpoint
+    from vaegan.trainer.checkpoint import load_checkpoint
 
     manifest = _bundle_from_checkpoint(
         load_checkpoint(chosen), chosen.name, bundle_dir, name=name, version=1, n_train=len(train), split=split,

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime.scoring import ALL_COMPONENTS, LOCAL_COMPONENTS
-from service.runtime.stats import auroc
-from trainer.data import ImageSet
+from vaegan.service.runtime.scoring import ALL_COMPONENTS, LOCAL_COMPONENTS
+from vaegan.service.runtime.stats import auroc
+from vaegan.trainer.data import ImageSet
 
 __all__ = [
     "select_map_weights",

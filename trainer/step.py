@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss, reparameterize
-from trainer.config import NEGATIVE_KINDS
+from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss, reparameterize
+from vaegan.trainer.config import NEGATIVE_KINDS
 
 __all__ = ["Losses", "Optimizers", "patch_loss", "random_masks", "shape_negatives", "train_step"]
 

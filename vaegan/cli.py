@@ -107,9 +107,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three configs
-    from models import ModelConfig
-    from trainer.config import TrainConfig
-    from trainer.pipeline import image_spec_for
+    from vaegan.models import ModelConfig
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.pipeline import image_spec_for
 
     if a.dataset != "synthetic" and a.data_root is None:
         raise CliError(f"--data-root is required for --dataset {a.dataset}")
@@ -136,7 +136,7 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from trainer.pipeline import train_and_export
+    from vaegan.trainer.pipeline import train_and_export
 
     cfg, model_cfg, spec = _train_configs(a)
     out = train_and_export(
@@ -162,7 +162,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from trainer.pipeline import export_checkpoint
+    from vaegan.trainer.pipeline import export_checkpoint
 
     if not a.checkpoint.is_file():
         raise CliError(f"--checkpoint {a.checkpoint}: no such file")
@@ -195,7 +195,7 @@ def _add_data_source(p: argparse.ArgumentParser, *, pair: bool) -> None:
 def _load_eval_data(a: argparse.Namespace, spec, pair: bool):  # noqa: ANN001, ANN202
     """The images to calibrate on (``pair=False``: normal images only) or to evaluate
     (``pair=True``: label 0 normal, label k > 0 anomalous of type ``class_names[k]``)."""
-    from trainer.data import load_dataset, load_folder_pair
+    from vaegan.trainer.data import load_dataset, load_folder_pair
 
     if pair and a.normal is not None:
         if a.anomalous is None:
@@ -274,12 +274,12 @@ def _calibration_parts(a: argparse.Namespace, bundle, need_selection: bool):  # 
     """
     import numpy as np
 
-    from trainer.selection import part_record, split_held_out
+    from vaegan.trainer.selection import part_record, split_held_out
 
     train_cfg = (bundle.manifest.get("training") or {}).get("train_config")
     if a.data is None and a.dataset is not None and a.split == "train" and train_cfg and _same_data(a, train_cfg):
-        from trainer.config import TrainConfig
-        from trainer.pipeline import load_split
+        from vaegan.trainer.config import TrainConfig
+        from vaegan.trainer.pipeline import load_split
 
         split = load_split(TrainConfig.from_dict(train_cfg), bundle.spec)
         sel, cal = split.selection, split.calibration
@@ -319,8 +319,8 @@ def _calibration_parts(a: argparse.Namespace, bundle, need_selection: bool):  # 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
     import math
 
-    from service.runtime.bundle import load_bundle
-    from trainer.calibrate import calibrate_bundle
+    from vaegan.service.runtime.bundle import load_bundle
+    from vaegan.trainer.calibrate import calibrate_bundle
 
     bundle = load_bundle(a.model)
     weights = None
@@ -363,8 +363,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from service.runtime import Runtime
-    from trainer.evaluate import evaluate, write_report
+    from vaegan.service.runtime import Runtime
+    from vaegan.trainer.evaluate import evaluate, write_report
 
     rt = Runtime.load(a.model, providers=a.providers)
     data = _load_eval_data(a, rt.spec, pair=True)
@@ -413,7 +413,7 @@ def _cmd_inpaint(a: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from service.runtime import Runtime
+    from vaegan.service.runtime import Runtime
 
     rt = Runtime.load(a.model)
     if a.auto:
@@ -511,7 +511,7 @@ def _check_score_args(a: argparse.Namespace) -> None:
 
 
 def _score_weights(text: str | None) -> dict[str, float] | None:
-    from service.runtime.scoring import ALL_COMPONENTS
+    from vaegan.service.runtime.scoring import ALL_COMPONENTS
 
     if not text:
         return None
@@ -540,8 +540,8 @@ def _read_pem(path: Path | None, what: str) -> bytes | None:
 
 def _scorer(a: argparse.Namespace, weights: dict[str, float] | None):  # noqa: ANN202 - a Scorer
     if a.model is not None:
-        from service.batch.score import LocalScorer
-        from service.runtime import Runtime
+        from vaegan.service.batch.score import LocalScorer
+        from vaegan.service.runtime import Runtime
 
         rt = Runtime.load(a.model, providers=a.providers, intra_op_threads=a.threads)
         if weights or a.threshold is not None:  # refuse bad weights now, not on the first batch
@@ -550,8 +550,8 @@ def _scorer(a: argparse.Namespace, weights: dict[str, float] | None):  # noqa: A
             if rt.bundle.calibration is not None:
                 rt.bundle.calibration.threshold(weights)
         return LocalScorer(rt, weights, a.threshold), None
-    from service.batch.score import RemoteScorer
-    from service.client import OutlierClient
+    from vaegan.service.batch.score import RemoteScorer
+    from vaegan.service.client import OutlierClient
 
     client = OutlierClient(
         a.server, timeout=30.0, tls=a.tls or a.tls_ca_file is not None,
@@ -566,10 +566,10 @@ def _scorer(a: argparse.Namespace, weights: dict[str, float] | None):  # noqa: A
 def _cmd_score(a: argparse.Namespace) -> int:
     import pyarrow  # noqa: F401 - without it: one line naming the batch extra (main)
 
-    from service.batch.decode import DecodeWorkerDied
-    from service.batch.job import JobConfig, run_job
-    from service.batch.table import OutputError
-    from service.client import OutlierClientError
+    from vaegan.service.batch.decode import DecodeWorkerDied
+    from vaegan.service.batch.job import JobConfig, run_job
+    from vaegan.service.batch.table import OutputError
+    from vaegan.service.client import OutlierClientError
 
     a.shard_index = _env_int("JOB_COMPLETION_INDEX", 0) if a.shard_index is None else a.shard_index
     a.num_shards = _env_int("VAEGAN_NUM_SHARDS", 1) if a.num_shards is None else a.num_shards
@@ -611,7 +611,7 @@ def _add_score_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_score_merge(a: argparse.Namespace) -> int:
-    from service.batch.table import merge_tables
+    from vaegan.service.batch.table import merge_tables
 
     missing = [p for p in a.shards if not p.is_file()]
     if missing:
@@ -625,7 +625,7 @@ def _cmd_score_merge(a: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC service and /metrics")
     try:
-        from service.server.config import add_serve_arguments
+        from vaegan.service.server.config import add_serve_arguments
     except ImportError:  # the server package is not installed in this build
         p.set_defaults(func=lambda a: _fail("the gRPC server is not available in this installation"))
         return
@@ -634,7 +634,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from service.server.main import run_serve
+    from vaegan.service.server.main import run_serve
 
     return run_serve(a)
 
@@ -689,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from service.runtime.errors import ServiceError
+    from vaegan.service.runtime.errors import ServiceError
 
     try:
         return int(args.func(args) or 0)

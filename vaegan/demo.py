@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime.stats import auroc
-from service.runtime.visualize import save_grid
+from vaegan.service.runtime.stats import auroc
+from vaegan.service.runtime.visualize import save_grid
 
 __all__ = ["run_demo"]
 
@@ -25,9 +25,9 @@ def _score_over_grpc(bundle_dir: Path, images: np.ndarray) -> tuple[np.ndarray, 
     """Score through a real server on an ephemeral loopback port (gRPC + dynamic batcher).
 
     Returns (scores, is_outlier, where the server listened)."""
-    from service.client import OutlierClient
-    from service.server.config import ServiceConfig
-    from service.server.testing import ServerThread
+    from vaegan.service.client import OutlierClient
+    from vaegan.service.server.config import ServiceConfig
+    from vaegan.service.server.testing import ServerThread
 
     config = ServiceConfig(model=bundle_dir, host="127.0.0.1", port=0, metrics_port=-1)
     with ServerThread(config) as srv, OutlierClient(srv.target) as client:
@@ -48,11 +48,11 @@ def _score_over_grpc(bundle_dir: Path, images: np.ndarray) -> tuple[np.ndarray, 
 def run_demo(out: Path, *, epochs: int = 8, max_train: int = 3000, seed: int = 0, n_test: int = 400) -> int:
     import torch
 
-    from models import ModelConfig
-    from service.runtime import Runtime
-    from trainer.config import TrainConfig
-    from trainer.data import load_dataset
-    from trainer.pipeline import image_spec_for, train_and_export
+    from vaegan.models import ModelConfig
+    from vaegan.service.runtime import Runtime
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.data import load_dataset
+    from vaegan.trainer.pipeline import image_spec_for, train_and_export
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()

@@ -43,10 +43,10 @@ COPY pyproject.toml /src/deps/pyproject.toml
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && touch /src/deps/README.md \
-    && pip install "/src/deps[gpu]" \
+    && python3 -c 'import sys, tomllib; p = tomllib.load(open("/src/deps/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [d for e in sys.argv[1].split(",") if e for d in p["optional-dependencies"][e]]))' "gpu" > /src/deps/requirements.txt \
+    && pip install -r /src/deps/requirements.txt \
     && GPU_REQS="$(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("/src/deps/pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]))')" \
-    && pip uninstall -y vaegan onnxruntime onnxruntime-gpu \
+    && pip uninstall -y onnxruntime onnxruntime-gpu \
     && pip install $GPU_REQS $EXTRA_PIP
 COPY pyproject.toml README.md /src/app/
 COPY vaegan /src/app/vaegan
@@ -61,7 +61,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install --no-deps /src/app \
     && pip uninstall -y pip setuptools wheel
 # the GPU build is the one installed (no GPU needed to check that), and torch is not
-RUN python3 -c "import importlib.util as u, sys, onnxruntime as ort; import service.server.app; \
+RUN python3 -c "import importlib.util as u, sys, onnxruntime as ort; import vaegan.service.server.app; \
 sys.exit(u.find_spec('torch') is not None or 'CUDAExecutionProvider' not in ort.get_available_providers())" \
     && vaegan serve --help >/dev/null
 

@@ -42,20 +42,18 @@ ENV LANG=C.UTF-8 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python3 -m venv /opt/vaegan
 # 1) dependencies only, keyed on pyproject.toml alone: this layer (the slow one, all the
-#    downloads) is reused as long as the dependencies do not change. The project is installed
-#    from a copy that has no packages (setuptools finds none), which pulls in exactly the
-#    declared dependencies; the empty README stands in for the real one (pyproject: readme).
+#    downloads) is reused as long as the dependencies do not change: exactly the dependencies
+#    pyproject.toml declares (and those of $EXTRAS), read from it with tomllib.
 #    A TLS-intercepting proxy's CA bundle, if the build needs one, comes as the build secret
 #    "ca" (build.sh: --ca-file; docker build --secret id=ca,src=FILE): used by pip, never stored.
 COPY pyproject.toml /src/deps/pyproject.toml
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && touch /src/deps/README.md \
-    && pip install "/src/deps${EXTRAS:+[$EXTRAS]}" \
-    && pip uninstall -y vaegan
+    && python3 -c 'import sys, tomllib; p = tomllib.load(open("/src/deps/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [d for e in sys.argv[1].split(",") if e for d in p["optional-dependencies"][e]]))' "$EXTRAS" > /src/deps/requirements.txt \
+    && pip install -r /src/deps/requirements.txt
 # 2) the project itself, without touching the dependencies: only what pyproject.toml packages
-#    (tool.setuptools.packages.find), so that nothing else in the context (bundles under runs/,
+#    (tool.setuptools: package-dir, packages), so that nothing else in the context (bundles under runs/,
 #    which .dockerignore lets through for the baked target) invalidates this layer
 COPY pyproject.toml README.md /src/app/
 COPY vaegan /src/app/vaegan
@@ -71,7 +69,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install --no-deps /src/app \
     && pip uninstall -y pip setuptools wheel
 # fail the build, not the first request, if something is missing or torch slipped in
-RUN python3 -c "import importlib.util as u, sys; import service.server.app, service.client; sys.exit(u.find_spec('torch') is not None)" \
+RUN python3 -c "import importlib.util as u, sys; import vaegan.service.server.app, vaegan.service.client; sys.exit(u.find_spec('torch') is not None)" \
     && vaegan serve --help >/dev/null
 
 # ---------------------------------------------------------------------------------------------

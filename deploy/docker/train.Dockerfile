@@ -34,9 +34,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,target=/run/secrets/ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
-    && touch /src/deps/README.md \
-    && pip install "/src/deps[train]" \
-    && pip uninstall -y vaegan
+    && python3 -c 'import sys, tomllib; p = tomllib.load(open("/src/deps/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [d for e in sys.argv[1].split(",") if e for d in p["optional-dependencies"][e]]))' "train" > /src/deps/requirements.txt \
+    && pip install -r /src/deps/requirements.txt
 COPY pyproject.toml README.md /src/app/
 COPY vaegan /src/app/vaegan
 COPY service /src/app/service
@@ -49,7 +48,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && pip install --no-deps /src/app \
     && pip uninstall -y pip setuptools wheel
-RUN python3 -c "import torch, torchvision, onnx, trainer.pipeline, export" \
+RUN python3 -c "import torch, torchvision, onnx, vaegan.trainer.pipeline, vaegan.export" \
     && command -v torchrun >/dev/null \
     && vaegan train --help >/dev/null
 

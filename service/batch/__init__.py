@@ -1,6 +1,6 @@
 """Batch scoring: ``vaegan score`` and its Python API.
 
-    from service.batch import score_files
+    from vaegan.service.batch import score_files
     for batch in score_files(paths, Runtime.load("runs/parts/bundle")):  # pyarrow.RecordBatch
         ...
 
@@ -14,12 +14,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service.lazy import lazy_attributes
+from vaegan.service.lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from service.batch.inputs import IMAGE_EXTENSIONS, InputError, Item, resolve_inputs, shard_of
-    from service.batch.score import score_files
-    from service.batch.table import BASE_COLUMNS, merge_tables, output_schema, read_table
+    from vaegan.service.batch.inputs import (
+        IMAGE_EXTENSIONS,
+        InputError,
+        Item,
+        resolve_inputs,
+        shard_of,
+    )
+    from vaegan.service.batch.score import score_files
+    from vaegan.service.batch.table import BASE_COLUMNS, merge_tables, output_schema, read_table
 
 _WHERE = {
     "IMAGE_EXTENSIONS": "inputs",

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.runtime.errors import InvalidInput
-from service.runtime.preprocess import ImageSpec, decode_image, match_channels, to_model_size
+from vaegan.service.runtime.errors import InvalidInput
+from vaegan.service.runtime.preprocess import ImageSpec, decode_image, match_channels, to_model_size
 
 __all__ = ["DecodePool", "DecodeWorkerDied", "Decoded", "decode_chunk", "default_workers"]
 

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from service.batch.decode import DecodePool, default_workers
-from service.batch.inputs import Item, resolve_inputs, shard_of
-from service.batch.score import ChunkResult, Scorer, chunk_rows, chunked
-from service.batch.table import (
+from vaegan.service.batch.decode import DecodePool, default_workers
+from vaegan.service.batch.inputs import Item, resolve_inputs, shard_of
+from vaegan.service.batch.score import ChunkResult, Scorer, chunk_rows, chunked
+from vaegan.service.batch.table import (
     BASE_COLUMNS,
     PartStore,
     TableStats,
@@ -218,7 +218,7 @@ def run_job(cfg: JobConfig, scorer: Scorer) -> JobSummary:
     summary = JobSummary(out, scored, failed, len(mine) - len(todo), len(items) - len(mine),
                          time.monotonic() - t0, table)
     if cfg.report_dir is not None:
-        from service.batch.report import write_report
+        from vaegan.service.batch.report import write_report
 
         write_report(cfg.report_dir, out, schema, {it.id: it.path for it in mine}, scorer, cfg.top_k)
     return summary

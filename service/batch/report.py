@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from service.batch.decode import decode_chunk
-from service.batch.score import Scorer
-from service.batch.table import read_table
-from service.runtime.visualize import heatmap
+from vaegan.service.batch.decode import decode_chunk
+from vaegan.service.batch.score import Scorer
+from vaegan.service.batch.table import read_table
+from vaegan.service.runtime.visualize import heatmap
 
 __all__ = ["summarize", "write_report"]
 

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from service.batch.decode import Decoded, DecodePool, default_workers
-from service.batch.inputs import Item
-from service.batch.table import output_schema
-from service.runtime.preprocess import ImageSpec, map_to_input
-from service.runtime.scoring import ALL_COMPONENTS, map_full_scale, map_to_uint8
+from vaegan.service.batch.decode import Decoded, DecodePool, default_workers
+from vaegan.service.batch.inputs import Item
+from vaegan.service.batch.table import output_schema
+from vaegan.service.runtime.preprocess import ImageSpec, map_to_input
+from vaegan.service.runtime.scoring import ALL_COMPONENTS, map_full_scale, map_to_uint8
 
 if TYPE_CHECKING:
-    from service.client import OutlierClient
-    from service.runtime import Runtime
+    from vaegan.service.client import OutlierClient
+    from vaegan.service.runtime import Runtime
 
 __all__ = ["ChunkResult", "LocalScorer", "RemoteScorer", "Scorer", "chunk_rows", "chunked", "score_files"]
 

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service.lazy import lazy_attributes
+from vaegan.service.lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from service.runtime.bundle import Bundle, load_bundle
-    from service.runtime.errors import (
+    from vaegan.service.runtime.bundle import Bundle, load_bundle
+    from vaegan.service.runtime.errors import (
         BundleError,
         InvalidInput,
         ModelNotReady,
         ResourceExhausted,
         ServiceError,
     )
-    from service.runtime.preprocess import ImageSpec
-    from service.runtime.runtime import Forward, Runtime, ScoreResult
-    from service.runtime.scoring import COMPONENTS, Calibration
+    from vaegan.service.runtime.preprocess import ImageSpec
+    from vaegan.service.runtime.runtime import Forward, Runtime, ScoreResult
+    from vaegan.service.runtime.scoring import COMPONENTS, Calibration
 
 # public name -> the submodule that defines it
 _WHERE = {

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.runtime.errors import BundleError
-from service.runtime.preprocess import ImageSpec
-from service.runtime.scoring import Calibration
+from vaegan.service.runtime.errors import BundleError
+from vaegan.service.runtime.preprocess import ImageSpec
+from vaegan.service.runtime.scoring import Calibration
 
 __all__ = [
     "FORMAT_VERSION",

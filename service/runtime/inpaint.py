@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from service.runtime.errors import InvalidInput
-from service.runtime.preprocess import (
+from vaegan.service.runtime.errors import InvalidInput
+from vaegan.service.runtime.preprocess import (
     ImageLike,
     ImageSpec,
     decode_image,

@@ -36,7 +36,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.runtime.errors import InvalidInput
+from vaegan.service.runtime.errors import InvalidInput
 
 __all__ = [
     "CONVERSIONS",

@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime.bundle import GRAPHS, Bundle, load_bundle
-from service.runtime.errors import InvalidInput, ModelNotReady
-from service.runtime.inpaint import (
+from vaegan.service.runtime.bundle import GRAPHS, Bundle, load_bundle
+from vaegan.service.runtime.errors import InvalidInput, ModelNotReady
+from vaegan.service.runtime.inpaint import (
     border_offset,
     dilate,
     mask_to_input,
     mask_to_model,
     prepare_mask,
 )
-from service.runtime.preprocess import (
+from vaegan.service.runtime.preprocess import (
     ImageLike,
     ImageSpec,
     decode_image,
@@ -46,8 +46,8 @@ from service.runtime.preprocess import (
     to_channels,
     to_model_size,
 )
-from service.runtime.scoring import anomaly_map, combined_map, local_maps, raw_components
-from service.runtime.session import Graph, check_provider_started, resolve_providers
+from vaegan.service.runtime.scoring import anomaly_map, combined_map, local_maps, raw_components
+from vaegan.service.runtime.session import Graph, check_provider_started, resolve_providers
 
 __all__ = ["Forward", "Runtime", "ScoreResult"]
 
@@ -193,7 +193,7 @@ class Runtime:
         try:
             import onnx
 
-            from service.runtime import compose
+            from vaegan.service.runtime import compose
         except ModuleNotFoundError:  # a serving-only install: onnx comes with the train extra
             logger.warning(
                 "%s has no pipeline.onnx (written by export since this version) and onnx is not installed "

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.runtime.errors import InvalidInput
+from vaegan.service.runtime.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from service.runtime.preprocess import ImageSpec
+    from vaegan.service.runtime.preprocess import ImageSpec
 
 __all__ = [
     "ALL_COMPONENTS",

@@ -15,7 +15,7 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402 - after the variable above
 
-from service.runtime.errors import BundleError
+from vaegan.service.runtime.errors import BundleError
 
 __all__ = ["PROVIDER_ALIASES", "Graph", "check_provider_started", "cuda_driver_present", "resolve_providers"]
 

@@ -1,6 +1,6 @@
 """The gRPC service: servicer, dynamic batcher, conversion, errors, metrics, lifecycle.
 
-Entry points: ``vaegan serve`` / ``python -m service.server`` (:mod:`service.server.main`),
+Entry points: ``vaegan serve`` / ``python -m vaegan.service.server`` (:mod:`service.server.main`),
 ``await serve(config)`` (:mod:`service.server.app`) and, for tests and notebooks,
 :class:`service.server.testing.ServerThread`. Importing this package loads nothing else.
 """

@@ -1,8 +1,8 @@
-"""``python -m service.server --model BUNDLE``: the gRPC service (same flags as ``vaegan serve``)."""
+"""``python -m vaegan.service.server --model BUNDLE``: the gRPC service (same flags as ``vaegan serve``)."""
 
 import sys
 
-from service.server.main import main
+from vaegan.service.server.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

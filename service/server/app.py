@@ -31,23 +31,23 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.inference.v2 import grpc_predict_v2_pb2 as oip_pb
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from service.runtime import Runtime
-from service.server.auth import BasicAuth, TokenSet
-from service.server.batcher import DynamicBatcher
-from service.server.budget import InflightPixels
-from service.server.config import ServiceConfig
-from service.server.interceptor import InstrumentedServicer, add_to_server
-from service.server.metrics import (
+from vaegan.protos.inference.v2 import grpc_predict_v2_pb2 as oip_pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.auth import BasicAuth, TokenSet
+from vaegan.service.server.batcher import DynamicBatcher
+from vaegan.service.server.budget import InflightPixels
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.interceptor import InstrumentedServicer, add_to_server
+from vaegan.service.server.metrics import (
     MetricsEndpoint,
     MetricsSecurity,
     ServerMetrics,
     start_metrics_endpoint,
 )
-from service.server.oip import OIP_SERVICE, OPEN_METHODS, InferenceServicer
-from service.server.pipeline import BatchRunner, concat_scored
-from service.server.servicer import SERVICE, SERVICE_NAME, LoadedModel, OutlierServicer
+from vaegan.service.server.oip import OIP_SERVICE, OPEN_METHODS, InferenceServicer
+from vaegan.service.server.pipeline import BatchRunner, concat_scored
+from vaegan.service.server.servicer import SERVICE, SERVICE_NAME, LoadedModel, OutlierServicer
 
 __all__ = ["BoundPorts", "OutlierServer", "serve"]
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from service.runtime.errors import Unauthenticated
+from vaegan.service.runtime.errors import Unauthenticated
 
 __all__ = ["BasicAuth", "TokenSet", "hash_token"]
 

@@ -30,8 +30,8 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from service.runtime import ModelNotReady
-from service.server.metrics import ServerMetrics
+from vaegan.service.runtime import ModelNotReady
+from vaegan.service.server.metrics import ServerMetrics
 
 __all__ = ["Batched", "DynamicBatcher"]
 

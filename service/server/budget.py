@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from prometheus_client import Gauge
 
-from service.runtime import ResourceExhausted
+from vaegan.service.runtime import ResourceExhausted
 
 __all__ = ["InflightPixels"]
 

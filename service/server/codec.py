@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
 
 __all__ = ["array_to_png", "array_to_tensor", "decode_output", "tensor_to_array"]
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from service.runtime import InvalidInput, ResourceExhausted, Runtime, ScoreResult
-from service.runtime.preprocess import (
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.service.runtime import InvalidInput, ResourceExhausted, Runtime, ScoreResult
+from vaegan.service.runtime.preprocess import (
     DEFAULT_IMAGE_FORMATS,
     ImageSpec,
     Prepared,
@@ -28,10 +28,10 @@ from service.runtime.preprocess import (
     match_channels,
     to_model_size,
 )
-from service.runtime.scoring import ALL_COMPONENTS, Calibration, map_to_uint8
-from service.runtime.scoring import map_full_scale as full_scale
-from service.server.codec import array_to_png, array_to_tensor, tensor_to_array
-from service.server.config import ServiceConfig
+from vaegan.service.runtime.scoring import ALL_COMPONENTS, Calibration, map_to_uint8
+from vaegan.service.runtime.scoring import map_full_scale as full_scale
+from vaegan.service.server.codec import array_to_png, array_to_tensor, tensor_to_array
+from vaegan.service.server.config import ServiceConfig
 
 __all__ = [
     "MAX_ID_BYTES",
@@ -43,6 +43,7 @@ __all__ = [
     "check_ids",
     "decode_images",
     "declared_pixels",
+    "check_response_size",
     "decode_masks",
     "full_scale",
     "inpaint_response",
@@ -51,6 +52,7 @@ __all__ = [
     "model_inputs",
     "name_image",
     "raw_model_batch",
+    "response_floor_bytes",
     "score_options",
     "score_response",
 ]
@@ -214,6 +216,34 @@ def declared_pixels(
         h, w = _declared_size(img, where, limits)
         _check_pixels(h, w, where, limits, budget)
     return budget.spent
+
+
+def response_floor_bytes(n: int, input_pixels: int, spec: ImageSpec, opts: ScoreOptions) -> int:
+    """The fewest bytes the pictures of a Score response will take, known before any work:
+    raw tensors have an exact size (PNG sizes are not known in advance: 0). ``input_pixels``:
+    height * width of all inputs together."""
+    if opts.image_format != pb.IMAGE_FORMAT_RAW or not opts.pictures:
+        return 0
+    model_pixels = n * spec.height * spec.width
+    total = 0
+    if opts.anomaly_map:
+        total += 4 * (input_pixels if opts.map_at_input else model_pixels)  # float32 maps
+    if opts.reconstruction:
+        total += model_pixels * spec.channels
+    if opts.repaired:
+        total += input_pixels * (spec.channels + 1)  # the repaired image and its mask
+    return total
+
+
+def check_response_size(size: int, limit: int, known_before: bool) -> None:
+    """RESOURCE_EXHAUSTED when a response of ``size`` bytes cannot be sent (``limit``)."""
+    if size > limit:
+        when = "would be" if known_before else "is"
+        raise ResourceExhausted(
+            f"the response {when} {size / 2**20:.1f} MiB, over --max-message-bytes "
+            f"({limit / 2**20:.1f} MiB): ask for fewer pictures, PNG instead of raw tensors, "
+            "or fewer images per request"
+        )
 
 
 def _decode_one(img: pb.Image, where: str, limits: Limits, budget: PixelBudget | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import grpc
 
-from service.runtime.errors import ServiceError
+from vaegan.service.runtime.errors import ServiceError
 
 __all__ = ["INTERNAL_MESSAGE", "to_status"]
 

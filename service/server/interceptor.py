@@ -26,11 +26,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.runtime.errors import InvalidInput
-from service.server.auth import TokenSet
-from service.server.errors import to_status
-from service.server.logs import new_request_id, request_id
-from service.server.metrics import ServerMetrics
+from vaegan.service.runtime.errors import InvalidInput
+from vaegan.service.server.auth import TokenSet
+from vaegan.service.server.errors import to_status
+from vaegan.service.server.logs import new_request_id, request_id
+from vaegan.service.server.metrics import ServerMetrics
 
 __all__ = ["REQUEST_ID_KEY", "InstrumentedServicer", "Malformed", "add_to_server"]
 

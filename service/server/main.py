@@ -17,10 +17,10 @@ import signal
 import sys
 from pathlib import Path
 
-from service.runtime import ServiceError
-from service.server.app import BoundPorts, OutlierServer
-from service.server.config import ServiceConfig, add_serve_arguments, config_from_args
-from service.server.logs import configure_logging
+from vaegan.service.runtime import ServiceError
+from vaegan.service.server.app import BoundPorts, OutlierServer
+from vaegan.service.server.config import ServiceConfig, add_serve_arguments, config_from_args
+from vaegan.service.server.logs import configure_logging
 
 __all__ = ["add_serve_arguments", "main", "run_serve", "set_switch_interval"]
 
@@ -99,9 +99,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m service.server``: the same flags as ``vaegan serve``."""
+    """``python -m vaegan.service.server``: the same flags as ``vaegan serve``."""
     parser = argparse.ArgumentParser(
-        prog="python -m service.server",
+        prog="python -m vaegan.service.server",
         description="Serve a vaegan bundle over gRPC (vaegan.v1.OutlierService) with /metrics.",
     )
     add_serve_arguments(parser)

@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from service.server.auth import BasicAuth
+from vaegan.service.server.auth import BasicAuth
 
 __all__ = ["MetricsEndpoint", "MetricsSecurity", "ServerMetrics", "start_metrics_endpoint"]
 

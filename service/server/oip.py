@@ -40,14 +40,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from protos.inference.v2 import grpc_predict_v2_pb2 as oip
-from protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from service.runtime import InvalidInput, ModelNotReady
-from service.runtime.errors import NotFound
-from service.runtime.scoring import ALL_COMPONENTS
-from service.server.codec import array_to_png, array_to_tensor, decode_output
-from service.server.servicer import LoadedModel, OutlierServicer
+from vaegan.protos.inference.v2 import grpc_predict_v2_pb2 as oip
+from vaegan.protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.service.runtime import InvalidInput, ModelNotReady
+from vaegan.service.runtime.errors import NotFound
+from vaegan.service.runtime.scoring import ALL_COMPONENTS
+from vaegan.service.server.codec import array_to_png, array_to_tensor, decode_output
+from vaegan.service.server.servicer import LoadedModel, OutlierServicer
 
 __all__ = ["INPUT", "OUTPUTS", "OIP_SERVICE", "InferenceServicer", "pack_bytes", "unpack_bytes"]
 

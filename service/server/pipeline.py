@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.runtime import Forward, Runtime, ScoreResult
+from vaegan.service.runtime import Forward, Runtime, ScoreResult
 
 __all__ = ["BatchRunner", "ScoredBatch", "concat_scored", "slice_result"]
 

@@ -23,17 +23,17 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import InvalidInput, ModelNotReady, Runtime, ServiceError
-from service.runtime.errors import PermissionDenied
-from service.runtime.preprocess import Prepared
-from service.server import convert
-from service.server.batcher import DynamicBatcher
-from service.server.budget import InflightPixels
-from service.server.config import ServiceConfig
-from service.server.metrics import ServerMetrics
-from service.server.pipeline import ScoredBatch
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import InvalidInput, ModelNotReady, Runtime, ServiceError
+from vaegan.service.runtime.errors import PermissionDenied
+from vaegan.service.runtime.preprocess import Prepared
+from vaegan.service.server import convert
+from vaegan.service.server.batcher import DynamicBatcher
+from vaegan.service.server.budget import InflightPixels
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.metrics import ServerMetrics
+from vaegan.service.server.pipeline import ScoredBatch
 
 __all__ = ["SERVICE", "SERVICE_NAME", "LoadedModel", "OutlierServicer"]
 
@@ -137,9 +137,11 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             convert.check_ids(request.images)
             raw = self._raw_inline(request, model.runtime, opts)
             if raw is not None:
+                self._check_response_floor(request, model, len(raw.batch) * raw.batch.shape[1] * raw.batch.shape[2], opts)
                 response = await self._score_prepared(request, model, [], raw, opts)
             else:
                 pixels = await self._in_pool(self.decode_pool, convert.declared_pixels, request.images, self.limits)
+                self._check_response_floor(request, model, pixels, opts)  # refused before any work
                 async with self.inflight.reserve(pixels):  # until the answer is built: originals live that long
                     originals, prepared = await self._decoding(self._decode, request, model.runtime, opts.repaired)
                     response = await self._score_prepared(request, model, originals, prepared, opts)
@@ -149,6 +151,12 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             raise type(e)(f"request {seq}: {e}") from e
         self.metrics.images.labels(method).inc(len(request.images))
         return response
+
+    def _check_response_floor(
+        self, request: pb.ScoreRequest, model: LoadedModel, input_pixels: int, opts: convert.ScoreOptions
+    ) -> None:
+        floor = convert.response_floor_bytes(len(request.images), input_pixels, model.runtime.spec, opts)
+        convert.check_response_size(floor, self.config.max_message_bytes, known_before=True)
 
     async def _score_prepared(
         self, request: pb.ScoreRequest, model: LoadedModel, originals: list[np.ndarray], prepared: Prepared,
@@ -200,7 +208,10 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         for s in res.score:
             self.metrics.scores.observe(float(s))
         ids = [img.id for img in request.images]
-        return convert.score_response(ids, res, opts, rt.spec, repaired, rt.bundle.calibration)
+        response = convert.score_response(ids, res, opts, rt.spec, repaired, rt.bundle.calibration)
+        if opts.pictures:  # PNG sizes are known only now: a clear refusal, not gRPC's send error
+            convert.check_response_size(response.ByteSize(), self.config.max_message_bytes, known_before=False)
+        return response
 
     # ---- Inpaint ------------------------------------------------------------------------
     async def Inpaint(self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext) -> pb.InpaintResponse:

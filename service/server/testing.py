@@ -15,9 +15,9 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from service.runtime import Runtime
-from service.server.app import BoundPorts, OutlierServer
-from service.server.config import ServiceConfig
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.app import BoundPorts, OutlierServer
+from vaegan.service.server.config import ServiceConfig
 
 __all__ = ["ServerThread"]
 

@@ -138,7 +138,7 @@ def _wait_ready(proc: subprocess.Popen[str], ready: Path, seconds: float = 120) 
 
 def _serving_and_score(port: int, metrics_port: int) -> None:
     """grpc.health.v1 says SERVING, and one real Score through the client library."""
-    from service.client import OutlierClient
+    from vaegan.service.client import OutlierClient
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
@@ -182,7 +182,10 @@ def test_runs_as_10001_and_torch_is_not_installed(image) -> None:
         assert uid.returncode == 0 and uid.stdout.strip() == str(USER), uid.stderr
         torch = _run_in(ctr, "python", "-c", "import torch")
         assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr, torch.stderr
-        assert _run_in(ctr, "python", "-c", "import onnxruntime, grpc, service.server.app").returncode == 0
+        assert _run_in(ctr, "python", "-c", "import onnxruntime, grpc, vaegan.service.server.app").returncode == 0
+        # one import name: no generic top-level packages installed
+        generic = _run_in(ctr, "python", "-c", "import service")
+        assert generic.returncode != 0 and "No module named 'service'" in generic.stderr, generic.stderr
 
 
 def test_serve_in_the_image_health_score_sigterm_and_no_writes(image, tiny_bundle: Path, tmp_path: Path) -> None:

@@ -35,10 +35,15 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.server.app import HEALTH_SERVICES
-from service.server.config import ServiceConfig, add_serve_arguments, config_from_args, env_name
-from service.server.servicer import SERVICE, SERVICE_NAME
-from service.server.testing import ServerThread
+from vaegan.service.server.app import HEALTH_SERVICES
+from vaegan.service.server.config import (
+    ServiceConfig,
+    add_serve_arguments,
+    config_from_args,
+    env_name,
+)
+from vaegan.service.server.servicer import SERVICE, SERVICE_NAME
+from vaegan.service.server.testing import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -333,7 +338,7 @@ def test_bundle_from_oci_component() -> None:
 @pytest.fixture(scope="module")
 def scrape(tiny_bundle: Path) -> tuple[set[str], dict[str, set[str]]]:
     """(sample names, {label name: values}) of a real server's /metrics after one Score."""
-    from service.client import OutlierClient
+    from vaegan.service.client import OutlierClient
 
     cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
     with ServerThread(cfg) as srv, OutlierClient(srv.target) as client:
@@ -570,8 +575,8 @@ def test_indexed_job_covers_every_input_once_and_merge_joins(
     pq = pytest.importorskip("pyarrow.parquet")
     from PIL import Image
 
-    from service.batch.table import shard_path
     from vaegan import cli
+    from vaegan.service.batch.table import shard_path
 
     j, c = job("jobs/score")
     spec = j["spec"]

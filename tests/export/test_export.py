@@ -10,13 +10,13 @@ import onnx
 import pytest
 import torch
 
-from export import write_bundle
-from export.onnx_export import IR_VERSION, OPSET, PARITY_TOLERANCE
-from models import VAEGAN, ModelConfig
-from service.runtime import Runtime
-from service.runtime.bundle import GRAPHS, load_bundle, sha256_file
-from service.runtime.preprocess import ImageSpec, normalize
-from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+from vaegan.export import write_bundle
+from vaegan.export.onnx_export import IR_VERSION, OPSET, PARITY_TOLERANCE
+from vaegan.models import VAEGAN, ModelConfig
+from vaegan.service.runtime import Runtime
+from vaegan.service.runtime.bundle import GRAPHS, load_bundle, sha256_file
+from vaegan.service.runtime.preprocess import ImageSpec, normalize
+from vaegan.trainer.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def test_manifest_follows_the_contract(tiny_bundle: Path) -> None:
@@ -60,7 +60,7 @@ def test_runtime_reconstruction_matches_torch(tiny_run) -> None:
 def test_tampered_onnx_is_refused_naming_the_file(tiny_bundle: Path, tmp_path: Path) -> None:
     import shutil
 
-    from service.runtime import BundleError
+    from vaegan.service.runtime import BundleError
 
     bad = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bad)
@@ -77,7 +77,7 @@ def test_tampered_onnx_is_refused_naming_the_file(tiny_bundle: Path, tmp_path: P
 def test_wrong_shape_in_manifest_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     import shutil
 
-    from service.runtime import BundleError
+    from vaegan.service.runtime import BundleError
 
     bad = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bad)

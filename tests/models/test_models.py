@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
-from trainer.step import Losses, Optimizers, random_masks, shape_negatives, train_step
+from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
+from vaegan.trainer.step import Losses, Optimizers, random_masks, shape_negatives, train_step
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (1, 64), (3, 100), (3, 256)])
@@ -167,7 +167,7 @@ def test_local_negatives_are_small_and_masked() -> None:
 def test_patch_loss_trains_d_to_find_local_defects() -> None:
     """A few D updates with ``local`` negatives lower D's per-pixel loss, and its per-pixel
     logits then rank the defect pixels of a new negative below (more fake than) the rest."""
-    from trainer.step import patch_loss
+    from vaegan.trainer.step import patch_loss
 
     torch.manual_seed(0)
     cfg = ModelConfig(num_channels=1, image_size=32, latent_dim=8, base_width=8)
@@ -209,7 +209,7 @@ def test_shape_negatives_reach_only_the_discriminator_update() -> None:
 
 
 def test_d_negatives_config() -> None:
-    from trainer.config import TrainConfig
+    from vaegan.trainer.config import TrainConfig
 
     assert TrainConfig(d_negatives="erase, paste").negative_kinds == ("erase", "paste")
     assert TrainConfig().negative_kinds == ("erase", "local")  # the default: see README
@@ -219,8 +219,8 @@ def test_d_negatives_config() -> None:
 
 
 def test_discriminator_learning_rate_scale() -> None:
-    from trainer.config import TrainConfig
-    from trainer.loop import _build
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.loop import _build
 
     cfg = TrainConfig(lr=1e-3, d_lr_scale=0.25)
     _, opt, _ = _build(ModelConfig(num_channels=1, image_size=28, latent_dim=8, base_width=4), cfg, torch.device("cpu"))

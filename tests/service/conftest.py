@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.runtime import Runtime
+from vaegan.service.runtime import Runtime
 
 
 @pytest.fixture(scope="session")

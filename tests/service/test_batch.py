@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from service.batch import BASE_COLUMNS, read_table, resolve_inputs, score_files, shard_of
-from service.batch.decode import DecodePool, DecodeWorkerDied
-from service.batch.inputs import InputError
-from service.batch.table import PartStore, output_schema
-from service.runtime import Runtime
-from service.runtime.preprocess import ImageSpec
 from vaegan.cli import main
+from vaegan.service.batch import BASE_COLUMNS, read_table, resolve_inputs, score_files, shard_of
+from vaegan.service.batch.decode import DecodePool, DecodeWorkerDied
+from vaegan.service.batch.inputs import InputError
+from vaegan.service.batch.table import PartStore, output_schema
+from vaegan.service.runtime import Runtime
+from vaegan.service.runtime.preprocess import ImageSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCORE_COLUMNS = ("score", "tail_probability", "pixel", "feature", "disc", "threshold")
@@ -264,8 +264,8 @@ def test_shards_merged_equal_the_unsharded_table(tmp_path: Path, tiny_bundle: Pa
 
 
 def test_remote_mode_equals_in_process(tmp_path: Path, tiny_bundle: Path) -> None:
-    from service.server.config import ServiceConfig
-    from service.server.testing import ServerThread
+    from vaegan.service.server.config import ServiceConfig
+    from vaegan.service.server.testing import ServerThread
 
     data = tmp_path / "in"
     _write_images(data, 14, sizes=((32, 32), (21, 57), (70, 40)))

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client import ImageScore, OutlierClient, OutlierClientError
-from service.runtime import Runtime
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.service.client import ImageScore, OutlierClient, OutlierClientError
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 
 def config(bundle: Path, **kw) -> ServiceConfig:

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.runtime import BundleError, Runtime, load_bundle
-from service.runtime import compose as compose_module
-from service.runtime.bundle import PIPELINE, sha256_file, write_manifest
-from service.runtime.compose import compose_pipeline
-from service.runtime.preprocess import normalize
+from vaegan.service.runtime import BundleError, Runtime, load_bundle
+from vaegan.service.runtime import compose as compose_module
+from vaegan.service.runtime.bundle import PIPELINE, sha256_file, write_manifest
+from vaegan.service.runtime.compose import compose_pipeline
+from vaegan.service.runtime.preprocess import normalize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,7 @@ def test_export_writes_the_pipeline_and_loading_it_imports_no_onnx(tiny_bundle: 
     assert runtime.bundle.pipeline_path == tiny_bundle / PIPELINE
     code = (
         "import sys\n"
-        "from service.runtime import Runtime\n"
+        "from vaegan.service.runtime import Runtime\n"
         f"rt = Runtime.load({str(tiny_bundle)!r}, providers='cpu')\n"
         "assert rt.pipeline is not None\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnx'))\n"

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from service.runtime import Calibration, InvalidInput
-from service.runtime.scoring import COMPONENTS, conformal_rank
+from vaegan.service.runtime import Calibration, InvalidInput
+from vaegan.service.runtime.scoring import COMPONENTS, conformal_rank
 
 DRAWS = 2000
 UNIT = {k: (0.0, 1.0) for k in COMPONENTS}  # stats that leave the pixel component as it is
@@ -63,11 +63,11 @@ def test_tail_probability_is_the_conformal_p_value_and_matches_the_threshold() -
 
 
 def test_too_few_calibration_images_cap_at_the_max_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
-    from service.runtime import scoring
+    from vaegan.service.runtime import scoring
 
     scoring._WARNED_CAPPED.clear()  # the warning is logged once per process and size
     u = np.random.default_rng(3).random(30)
-    with caplog.at_level(logging.WARNING, logger="service.runtime.scoring"):
+    with caplog.at_level(logging.WARNING, logger="vaegan.service.runtime.scoring"):
         cal = _uniform_cal(u, 0.01)
     assert cal.capped and cal.n_needed == 99
     assert cal.threshold() == u.max()  # never +inf: the service still flags something

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime import InvalidInput
-from service.runtime.preprocess import decode_image, is_grey_image
+from vaegan.service.runtime import InvalidInput
+from vaegan.service.runtime.preprocess import decode_image, is_grey_image
 
 ORIENTATION = 0x0112
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime import Runtime, load_bundle
-from service.runtime import preprocess as pp
-from service.runtime.inpaint import mask_to_input, mask_to_model
-from service.runtime.preprocess import (
+from vaegan.service.runtime import Runtime, load_bundle
+from vaegan.service.runtime import preprocess as pp
+from vaegan.service.runtime.inpaint import mask_to_input, mask_to_model
+from vaegan.service.runtime.preprocess import (
     ImageSpec,
     input_region,
     map_to_input,
@@ -22,7 +22,7 @@ from service.runtime.preprocess import (
     prepare_inputs,
     to_model_size,
 )
-from trainer.data import mask_to_spec
+from vaegan.trainer.data import mask_to_spec
 
 LETTERBOX = ImageSpec(1, 16, 16)
 CROP = ImageSpec(1, 16, 16, resize="center_crop")
@@ -141,7 +141,7 @@ def test_prepare_inputs_reports_sizes_and_conversions(caplog: pytest.LogCaptureF
     fast = prepare_inputs(batch, spec)
     assert np.shares_memory(fast.batch, batch) or np.array_equal(fast.batch, batch)
     assert fast.sizes.tolist() == [[16, 16], [16, 16]] and fast.conversions == ["", ""]
-    with caplog.at_level(logging.WARNING, logger="service.runtime.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="vaegan.service.runtime.preprocess"):
         p = prepare_inputs([np.zeros((20, 30), np.uint8), batch[0], np.zeros((5, 7), np.uint8)], spec)
         prepare_inputs([np.zeros((20, 30, 3), np.uint8)], ImageSpec(1, 16, 16))
     assert p.sizes.tolist() == [[20, 30], [16, 16], [5, 7]]
@@ -167,7 +167,7 @@ def test_score_result_regions_and_maps_at_input_size(runtime: Runtime) -> None:
 
 
 def test_letterboxed_edge_defect_shows_in_the_map_at_input(runtime: Runtime, rt_crop: Runtime) -> None:
-    from trainer.data import load_dataset
+    from vaegan.trainer.data import load_dataset
 
     normal = load_dataset("synthetic", None, "test", None, limit=8)
     tile = normal.images[normal.labels == 0][0]  # 32x32 RGB, a normal texture

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.runtime import Runtime
-from service.runtime.scoring import LOCAL_COMPONENTS, gaussian_blur, smoothing_sigma
+from vaegan.service.runtime import Runtime
+from vaegan.service.runtime.scoring import LOCAL_COMPONENTS, gaussian_blur, smoothing_sigma
 
 
 def _reference_blur(m: np.ndarray, sigma: float) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_smoothing_sigma_follows_the_image_size() -> None:
 def test_a_small_defect_moves_the_local_component_more_than_the_mean(runtime: Runtime) -> None:
     """A 3x3 spot barely moves a mean over 32x32 pixels, but it is the top of the residual map:
     in units of each component's normal spread, pixel_local moves several times more."""
-    from trainer.data import load_dataset
+    from vaegan.trainer.data import load_dataset
 
     normal = load_dataset("synthetic", None, "train", runtime.spec, limit=40).images
     spotted = normal.copy()
@@ -59,11 +59,11 @@ def test_runtime_evaluate_and_training_selection_agree(tiny_run, tiny_bundle: Pa
     select checkpoints during training give the same local components."""
     import torch
 
-    from service.runtime.preprocess import normalize
-    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
-    from trainer.data import load_dataset
-    from trainer.evaluate import evaluate
-    from trainer.loop import components_torch
+    from vaegan.service.runtime.preprocess import normalize
+    from vaegan.trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from vaegan.trainer.data import load_dataset
+    from vaegan.trainer.evaluate import evaluate
+    from vaegan.trainer.loop import components_torch
 
     rt = Runtime.load(tiny_bundle, providers="cpu")
     test = load_dataset("synthetic", None, "test", rt.spec, limit=24)

@@ -15,11 +15,12 @@ REPO = Path(__file__).resolve().parents[2]
 def test_service_imports_without_torch() -> None:
     code = (
         "import sys\n"
-        "import service, service.runtime\n"
-        "from service.runtime import Runtime\n"
+        "import vaegan.service, vaegan.service.runtime\n"
+        "from vaegan.service.runtime import Runtime\n"
         "import vaegan.cli\n"
         "vaegan.cli.build_parser()\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'models', 'trainer', 'export'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision') "
+        "or m.startswith(('vaegan.models', 'vaegan.trainer', 'vaegan.export')))\n"
         "assert not bad, bad\n"
         "print('clean')\n"
     )
@@ -32,7 +33,7 @@ def test_bundle_loads_in_a_process_that_blocks_torch(tiny_bundle: Path) -> None:
     """Make torch unimportable, then load and score the bundle: serving needs no torch."""
     code = (
         "import numpy as np\n"
-        "from service.runtime import Runtime\n"
+        "from vaegan.service.runtime import Runtime\n"
         f"rt = Runtime.load({str(tiny_bundle)!r})\n"
         "res = rt.score(np.zeros((2, 32, 32, 3), np.uint8))\n"
         "print(len(res.score), res.is_outlier.dtype)\n"
@@ -50,7 +51,7 @@ def test_batch_scoring_runs_where_torch_cannot_load(tiny_bundle: Path, tmp_path:
     for i in range(3):
         Image.new("RGB", (40, 30), (i * 60, 90, 120)).save(tmp_path / f"{i}.png")
     code = (
-        "import service.batch.decode\n"
+        "import vaegan.service.batch.decode\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'onnx', 'grpc', 'pyarrow'))\n"
         "assert not heavy, heavy\n"
         "from vaegan.cli import main\n"
@@ -69,7 +70,7 @@ def test_loading_a_bundle_writes_nothing_under_home_or_tmp(tiny_bundle: Path, tm
     session start; the runtime switches that off (a read-only root with /tmp only must do)."""
     home = tmp_path / "home"
     home.mkdir()
-    code = f"from service.runtime import Runtime\nRuntime.load({str(tiny_bundle)!r}, providers='cpu')\n"
+    code = f"from vaegan.service.runtime import Runtime\nRuntime.load({str(tiny_bundle)!r}, providers='cpu')\n"
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
     env.update(HOME=str(home), TMPDIR=str(home))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

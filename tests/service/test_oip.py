@@ -19,12 +19,12 @@ import grpc
 import numpy as np
 import pytest
 
-from protos.inference.v2 import grpc_predict_v2_pb2 as oip
-from protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.server.codec import array_to_tensor, decode_output
-from service.server.oip import pack_bytes, unpack_bytes
+from vaegan.protos.inference.v2 import grpc_predict_v2_pb2 as oip
+from vaegan.protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.server.codec import array_to_tensor, decode_output
+from vaegan.service.server.oip import pack_bytes, unpack_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_TRITON = importlib.util.find_spec("tritonclient") is not None
@@ -35,7 +35,7 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     d = tmp_path_factory.mktemp("oip")
     ready = d / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "vaegan.service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "-1", "--providers", "cpu", "--ready-file", str(ready), "--log-level", "WARNING"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL,
     )
@@ -170,7 +170,7 @@ def test_raw_bytes_that_do_not_match_the_shape(server: dict) -> None:
 def test_bytes_tensor_packing_round_trips_and_refuses_bad_lengths() -> None:
     items = [b"", b"abc", bytes(300)]
     assert unpack_bytes(pack_bytes(items), 3, "x") == items
-    from service.runtime import InvalidInput
+    from vaegan.service.runtime import InvalidInput
 
     with pytest.raises(InvalidInput, match="element 1 declares 3 bytes, only 2 remain"):
         unpack_bytes(pack_bytes(items)[:10], 3, "x")

@@ -33,8 +33,8 @@ def test_generated_code_has_not_drifted(tmp_path: Path) -> None:
 
 
 def test_generated_modules_import_under_the_repo_package() -> None:
-    from protos.vaegan.v1 import outlier_service_pb2 as pb
-    from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+    from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+    from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 
     assert pb.DESCRIPTOR.name == "protos/vaegan/v1/outlier_service.proto"
     assert pb.DESCRIPTOR.package == "vaegan.v1"

@@ -8,8 +8,14 @@ from collections import deque
 import numpy as np
 import pytest
 
-from service.runtime.regions import au_pro, label_regions, pixel_counts, pro_counts, pro_curve
-from service.runtime.stats import auroc, bootstrap_ci
+from vaegan.service.runtime.regions import (
+    au_pro,
+    label_regions,
+    pixel_counts,
+    pro_counts,
+    pro_curve,
+)
+from vaegan.service.runtime.stats import auroc, bootstrap_ci
 
 # ------------------------------------------------------------------------ references
 

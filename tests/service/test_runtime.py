@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime import InvalidInput, Runtime
-from service.runtime.preprocess import ImageSpec, prepare_batch, to_model_size
+from vaegan.service.runtime import InvalidInput, Runtime
+from vaegan.service.runtime.preprocess import ImageSpec, prepare_batch, to_model_size
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_bad_inputs_name_the_image(rt: Runtime, bad: list, match: str) -> None:
 
 
 def test_inpaint_keeps_known_pixels_and_fills_the_hole(rt: Runtime) -> None:
-    from trainer.data import load_dataset
+    from vaegan.trainer.data import load_dataset
 
     imgs = load_dataset("synthetic", None, "test", None, limit=8).images[::2]  # normal ones
     masks = np.zeros(imgs.shape[:3], np.uint8)
@@ -92,7 +92,7 @@ def test_inpaint_keeps_known_pixels_and_fills_the_hole(rt: Runtime) -> None:
 
 
 def test_repair_masks_the_defect(rt: Runtime) -> None:
-    from trainer.data import load_dataset
+    from vaegan.trainer.data import load_dataset
 
     test = load_dataset("synthetic", None, "test", None, limit=40)
     bad = test.labels == 1

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.runtime import Calibration, InvalidInput
-from service.runtime.scoring import anomaly_map, raw_components, softplus
-from service.runtime.stats import auroc, average_precision, rates_at_threshold, roc_curve
+from vaegan.service.runtime import Calibration, InvalidInput
+from vaegan.service.runtime.scoring import anomaly_map, raw_components, softplus
+from vaegan.service.runtime.stats import auroc, average_precision, rates_at_threshold, roc_curve
 
 
 def test_known_residuals_give_known_components() -> None:

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.runtime import Forward
-from service.server.batcher import DynamicBatcher
+from vaegan.service.runtime import Forward
+from vaegan.service.server.batcher import DynamicBatcher
 
 
 class FakeModel:
@@ -162,7 +162,7 @@ def test_the_model_takes_its_next_batch_while_the_event_loop_is_busy() -> None:
 
 
 def test_close_finishes_running_batches_and_fails_queued_ones() -> None:
-    from service.runtime import ModelNotReady
+    from vaegan.service.runtime import ModelNotReady
 
     model = FakeModel(delay=0.1)
 

@@ -17,14 +17,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import ResourceExhausted, Runtime
-from service.server import convert
-from service.server.budget import InflightPixels
-from service.server.codec import array_to_tensor
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import ResourceExhausted, Runtime
+from vaegan.service.server import convert
+from vaegan.service.server.budget import InflightPixels
+from vaegan.service.server.codec import array_to_tensor
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 
 def png(h: int, w: int, seed: int = 0) -> bytes:
@@ -140,7 +140,7 @@ def test_response_pictures_are_not_queued_behind_large_decodes(tiny_bundle: Path
     yy, xx = np.mgrid[0:2048, 0:2048]
     buf = io.BytesIO()
     Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)).save(buf, format="PNG")
-    big = pb.ScoreRequest(images=[pb.Image(id=f"b{i}", encoded=buf.getvalue()) for i in range(12)])
+    big = pb.ScoreRequest(images=[pb.Image(id=f"b{i}", encoded=buf.getvalue()) for i in range(24)])
     s = rt.spec
     raw = np.full((s.height, s.width, s.channels), 100, np.uint8)
     small = pb.ScoreRequest(images=[pb.Image(id="s", tensor=array_to_tensor(raw))],
@@ -157,7 +157,7 @@ def test_response_pictures_are_not_queued_behind_large_decodes(tiny_bundle: Path
         answer = stub.Score(small, timeout=60)
         waited = time.monotonic() - t1
         assert not slow.done(), "the big request finished too soon to tell"
-        assert len(slow.result().results) == 12
+        assert len(slow.result().results) == 24
         full = time.monotonic() - t0
     assert answer.results[0].anomaly_map.encoded
     assert waited < full / 4, f"the small request waited {waited:.2f} s behind a {full:.2f} s decode"
@@ -205,8 +205,8 @@ def test_a_dead_batcher_turns_health_not_serving_and_sets_fatal(tiny_bundle: Pat
 def test_vaegan_serve_exits_1_when_its_batcher_dies(tiny_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     """The serving loop (``vaegan serve``'s) returns exit code 1 once the model stops serving,
     so that Kubernetes restarts the pod; it used to wait for a signal forever."""
-    from service.server import main as serve_main
-    from service.server.pipeline import BatchRunner
+    from vaegan.service.server import main as serve_main
+    from vaegan.service.server.pipeline import BatchRunner
 
     calls = {"n": 0}
     real_call = BatchRunner.__call__
@@ -242,3 +242,56 @@ def test_vaegan_serve_exits_1_when_its_batcher_dies(tiny_bundle: Path, tmp_path:
     t.join(10)
     assert code == serve_main.EXIT_FATAL == 1
     assert time.monotonic() - t0 < 60
+
+
+# ---- responses over the message limit ----------------------------------------------------------
+def test_raw_pictures_over_the_message_limit_are_refused_before_any_work(tiny_bundle: Path, rt: Runtime, monkeypatch) -> None:
+    """Raw float32 maps at the input's size have a known size: a response that cannot be sent
+    is refused before anything is decoded, not after all the work (gRPC's send error)."""
+    decoded: list[int] = []
+    real = convert.decode_image
+    monkeypatch.setattr(convert, "decode_image", lambda im, where: decoded.append(1) or real(im, where))
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1, max_message_bytes=256 << 10)
+    flat = io.BytesIO()
+    Image.new("RGB", (300, 300), (90, 100, 110)).save(flat, format="PNG")
+    req = pb.ScoreRequest(images=[pb.Image(id=f"i{k}", encoded=flat.getvalue()) for k in range(2)],
+                          options=pb.ScoreOptions(return_anomaly_map=True, anomaly_map_input_size=True,
+                                                  image_format=pb.IMAGE_FORMAT_RAW))
+    with ServerThread(cfg, rt) as srv, grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.OutlierServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "would be 0.7 MiB, over --max-message-bytes (0.2 MiB)" in err.value.details()
+        assert decoded == []
+        # at the model's size the same maps fit
+        req.options.anomaly_map_input_size = False
+        assert len(stub.Score(req, timeout=30).results) == 2
+
+
+def test_png_pictures_over_the_message_limit_get_a_clear_refusal(tiny_bundle: Path, rt: Runtime) -> None:
+    """PNG sizes are known only once encoded: the refusal names the limit and the size."""
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1, max_message_bytes=6000)
+    rng = np.random.default_rng(0)
+    images = [pb.Image(id=f"n{k}", tensor=array_to_tensor(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)))
+              for k in range(4)]  # 1.2 KB each on the wire
+    req = pb.ScoreRequest(images=images, options=pb.ScoreOptions(return_reconstruction=True, return_anomaly_map=True))
+    with ServerThread(cfg, rt) as srv, grpc.insecure_channel(srv.target) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.OutlierServiceStub(ch).Score(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the response is" in err.value.details() and "--max-message-bytes" in err.value.details()
+        # one image's pictures fit
+        one = pb.ScoreRequest(images=images[:1], options=req.options)
+        assert len(pb_grpc.OutlierServiceStub(ch).Score(one, timeout=30).results) == 1
+
+
+def test_response_floor_counts_only_what_raw_tensors_fix() -> None:
+    from service.runtime.preprocess import ImageSpec
+
+    spec = ImageSpec(channels=3, height=32, width=32, mean=(0.5,) * 3, std=(0.5,) * 3, fill=(0.5,) * 3)
+    raw = convert.ScoreOptions(anomaly_map=True, map_at_input=True, reconstruction=True, repaired=True,
+                               image_format=pb.IMAGE_FORMAT_RAW)
+    assert convert.response_floor_bytes(2, 5000, spec, raw) == 4 * 5000 + 2 * 32 * 32 * 3 + 5000 * 4
+    png = convert.ScoreOptions(anomaly_map=True, image_format=pb.IMAGE_FORMAT_PNG)
+    assert convert.response_floor_bytes(2, 5000, spec, png) == 0

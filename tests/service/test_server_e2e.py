@@ -16,13 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import Runtime
-from service.server.codec import array_to_tensor, decode_output
-from service.server.config import ServiceConfig
-from service.server.logs import JsonFormatter, RequestIdFilter
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.codec import array_to_tensor, decode_output
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.logs import JsonFormatter, RequestIdFilter
+from vaegan.service.server.testing import ServerThread
 
 SERVICE = "vaegan.v1.OutlierService"
 
@@ -237,17 +237,17 @@ def test_many_clients_at_once(stub, runtime: Runtime) -> None:
 
 def test_logs_carry_the_request_id(stub, images, caplog) -> None:
     caplog.handler.addFilter(RequestIdFilter())
-    with caplog.at_level(logging.INFO, logger="service.server"):
+    with caplog.at_level(logging.INFO, logger="vaegan.service.server"):
         stub.Score(pb.ScoreRequest(images=request_images(images[:1])), metadata=(("x-request-id", "trace-7"),))
-    access = [r for r in caplog.records if r.name == "service.server.interceptor" and "Score OK" in r.getMessage()]
+    access = [r for r in caplog.records if r.name == "vaegan.service.server.interceptor" and "Score OK" in r.getMessage()]
     assert access and access[-1].request_id == "trace-7"
     line = json.loads(JsonFormatter().format(access[-1]))
     assert line["request_id"] == "trace-7" and line["level"] == "INFO"
 
 
 def test_raw_fast_path_equals_full_decoding(runtime: Runtime) -> None:
-    from service.runtime.preprocess import normalize
-    from service.server import convert
+    from vaegan.service.runtime.preprocess import normalize
+    from vaegan.service.server import convert
 
     batch = np.random.default_rng(5).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     images = [pb.Image(tensor=array_to_tensor(a)) for a in batch]

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import Runtime
-from service.server.codec import array_to_tensor
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.codec import array_to_tensor
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -140,7 +140,7 @@ def test_unknown_fault_is_internal_with_a_generic_message(stub, server: ServerTh
 
     batcher.run = broken
     try:
-        with caplog.at_level(logging.ERROR, logger="service.server.interceptor"):
+        with caplog.at_level(logging.ERROR, logger="vaegan.service.server.interceptor"):
             with pytest.raises(grpc.RpcError) as info:
                 stub.Score(pb.ScoreRequest(images=[img(GOOD)]), metadata=(("x-request-id", "bug-1"),))
     finally:

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import Runtime
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 EXAMPLES = int(os.environ.get("VAEGAN_FUZZ_EXAMPLES", "300"))
 FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.client import OutlierClient
-from service.runtime import Runtime, load_bundle
-from service.server.codec import array_to_tensor, decode_output
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.client import OutlierClient
+from vaegan.service.runtime import Runtime, load_bundle
+from vaegan.service.server.codec import array_to_tensor, decode_output
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import InvalidInput, Runtime
-from service.runtime.preprocess import DEFAULT_IMAGE_FORMATS, decode_image
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import InvalidInput, Runtime
+from vaegan.service.runtime.preprocess import DEFAULT_IMAGE_FORMATS, decode_image
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 
 def encoded(fmt: str, mode: str = "RGB") -> bytes:

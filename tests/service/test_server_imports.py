@@ -10,7 +10,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _modules_after(imports: str) -> set[str]:
-    code = f"import sys\n{imports}\nprint(' '.join(sorted(m.split('.')[0] for m in sys.modules)))\n"
+    # top-level names, and vaegan's own packages as vaegan.<package>
+    code = (f"import sys\n{imports}\nprint(' '.join(sorted('.'.join(m.split('.')[:2 if m.startswith('vaegan.') else 1]) "
+            "for m in sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())
@@ -18,15 +20,16 @@ def _modules_after(imports: str) -> set[str]:
 
 def test_server_and_client_import_without_torch() -> None:
     loaded = _modules_after(
-        "import service.server, service.client\n"
-        "import service.server.app, service.server.main, service.server.testing\n"
-        "from service.server.main import add_serve_arguments, run_serve"
+        "import vaegan.service.server, vaegan.service.client\n"
+        "import vaegan.service.server.app, vaegan.service.server.main, vaegan.service.server.testing\n"
+        "from vaegan.service.server.main import add_serve_arguments, run_serve"
     )
-    assert {"service", "grpc", "onnxruntime"} <= loaded
-    assert not loaded & {"torch", "torchvision", "models", "trainer", "export"}
+    assert {"vaegan.service", "grpc", "onnxruntime"} <= loaded
+    assert not loaded & {"torch", "torchvision", "vaegan.models", "vaegan.trainer", "vaegan.export"}
+    assert not loaded & {"service", "models", "trainer", "export", "protos"}  # no generic top-level names
 
 
 def test_client_needs_no_onnxruntime() -> None:
-    loaded = _modules_after("import service.client")
+    loaded = _modules_after("import vaegan.service.client")
     assert "grpc" in loaded
     assert not loaded & {"torch", "onnxruntime", "prometheus_client"}

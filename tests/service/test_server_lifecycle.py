@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import Runtime
-from service.server.codec import array_to_tensor
-from service.server.config import ServiceConfig, add_serve_arguments, config_from_args
-from service.server.main import set_switch_interval
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.codec import array_to_tensor
+from vaegan.service.server.config import ServiceConfig, add_serve_arguments, config_from_args
+from vaegan.service.server.main import set_switch_interval
+from vaegan.service.server.testing import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "vaegan.v1.OutlierService"
@@ -84,7 +84,7 @@ def test_shutdown_reports_not_serving_and_finishes_in_flight_calls(tiny_bundle: 
 def test_sigterm_drains_the_in_flight_request_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     cmd = [
-        sys.executable, "-m", "service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1",
+        sys.executable, "-m", "vaegan.service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1",
         "--port", "0", "--metrics-port", "-1", "--max-delay-ms", "1500", "--grace-seconds", "10",
         "--ready-file", str(ready), "--providers", "cpu",
     ]
@@ -120,7 +120,7 @@ def test_bad_bundle_exits_2_with_one_clear_line(tiny_bundle: Path, tmp_path: Pat
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
     for model, expected in ((tmp_path / "missing", "no such bundle directory"), (broken, "encoder.onnx: sha256 mismatch")):
-        cmd = [sys.executable, "-m", "service.server", "--model", str(model), "--port", "0", "--metrics-port", "-1"]
+        cmd = [sys.executable, "-m", "vaegan.service.server", "--model", str(model), "--port", "0", "--metrics-port", "-1"]
         out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, out.stderr
         errors = [line for line in out.stderr.splitlines() if " ERROR " in line]

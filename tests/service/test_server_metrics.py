@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos.vaegan.v1 import outlier_service_pb2 as pb
-from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from service.runtime import Runtime
-from service.server.codec import array_to_tensor
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.codec import array_to_tensor
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 
 @pytest.fixture(scope="module")

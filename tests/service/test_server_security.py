@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import OutlierClient, OutlierClientError
-from service.runtime import Runtime
-from service.server.auth import TokenSet, hash_token
-from service.server.config import ServiceConfig
-from service.server.testing import ServerThread
+from vaegan.service.client import OutlierClient, OutlierClientError
+from vaegan.service.runtime import Runtime
+from vaegan.service.server.auth import TokenSet, hash_token
+from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.testing import ServerThread
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 IMAGE = np.full((32, 32, 3), 120, np.uint8)
@@ -197,7 +197,7 @@ def test_metrics_over_mutual_tls_with_basic_auth(metrics_server: ServerThread, p
 
 
 def test_metrics_security_settings_are_checked(tmp_path: Path, pki: Path, tiny_bundle: Path) -> None:
-    from service.server.auth import BasicAuth
+    from vaegan.service.server.auth import BasicAuth
 
     with pytest.raises(ValueError, match="go together"):
         ServiceConfig(model=tiny_bundle, metrics_tls_cert_file=pki / "server.pem")

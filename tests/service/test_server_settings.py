@@ -16,13 +16,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.server.config import ServiceConfig
+from vaegan.service.server.config import ServiceConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _serve(tiny_bundle: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1",
+    return [sys.executable, "-m", "vaegan.service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1",
             "--port", "0", "--metrics-port", "-1", "--providers", "cpu", *flags]
 
 
@@ -126,8 +126,8 @@ def test_a_request_of_many_huge_images_is_refused_within_its_pixel_budget(tiny_b
     import numpy as np
     from PIL import Image
 
-    from protos.vaegan.v1 import outlier_service_pb2 as pb
-    from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+    from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+    from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 
     buf = io.BytesIO()
     Image.fromarray(np.full((4096, 4096, 3), 77, np.uint8)).save(buf, format="PNG")
@@ -163,7 +163,7 @@ def test_a_request_of_many_huge_images_is_refused_within_its_pixel_budget(tiny_b
 
 
 def test_an_expired_call_stops_decoding_so_the_next_one_is_not_kept_waiting(tiny_bundle: Path) -> None:
-    """A request of 30 large PNGs with a 0.5 s deadline kept the only decode thread busy until
+    """A request of many large PNGs with a 0.5 s deadline kept the only decode thread busy until
     it had decoded them all; the next request waited behind it. Now the abandoned work stops at
     the next image, and the next request is answered in a fraction of the big one's time."""
     import io
@@ -171,10 +171,10 @@ def test_an_expired_call_stops_decoding_so_the_next_one_is_not_kept_waiting(tiny
     import numpy as np
     from PIL import Image
 
-    from protos.vaegan.v1 import outlier_service_pb2 as pb
-    from protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-    from service.runtime import Runtime
-    from service.server.testing import ServerThread
+    from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
+    from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
+    from vaegan.service.runtime import Runtime
+    from vaegan.service.server.testing import ServerThread
 
     # 2048 x 2048 smooth gradients: small on the wire (the call reaches the server at once),
     # slow to decode and resize
@@ -182,7 +182,7 @@ def test_an_expired_call_stops_decoding_so_the_next_one_is_not_kept_waiting(tiny
     buf = io.BytesIO()
     Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)).save(buf, format="PNG")
     assert len(buf.getvalue()) < 2_000_000
-    big = pb.ScoreRequest(images=[pb.Image(id=f"b{i}", encoded=buf.getvalue()) for i in range(30)])
+    big = pb.ScoreRequest(images=[pb.Image(id=f"b{i}", encoded=buf.getvalue()) for i in range(60)])
     small_buf = io.BytesIO()
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(small_buf, format="PNG")
     small = pb.ScoreRequest(images=[pb.Image(id="s", encoded=small_buf.getvalue())])

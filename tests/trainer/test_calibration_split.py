@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.data import DatasetError, ImageSet
-from trainer.selection import ids_digest, split_held_out
+from vaegan.trainer.config import TrainConfig
+from vaegan.trainer.data import DatasetError, ImageSet
+from vaegan.trainer.selection import ids_digest, split_held_out
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_split_held_out_is_deterministic_disjoint_and_sized() -> None:
 
 
 def test_load_split_parts_never_share_an_id_and_rebuild_identically() -> None:
-    from trainer.pipeline import image_spec_for, load_split
+    from vaegan.trainer.pipeline import image_spec_for, load_split
 
     cfg = TrainConfig(dataset="synthetic", max_train=300, val_fraction=0.2, selection_fraction=0.5)
     spec = image_spec_for("synthetic", 32, 3)
@@ -62,7 +62,7 @@ def test_load_split_parts_never_share_an_id_and_rebuild_identically() -> None:
 def test_a_validation_split_joins_the_held_out_normals(monkeypatch: pytest.MonkeyPatch) -> None:
     """Datasets with their own validation split (mvtec): held-out = validation + val_fraction of
     train; clashing ids are prefixed by split, so the parts still never share one."""
-    import trainer.pipeline as pipeline
+    import vaegan.trainer.pipeline as pipeline
 
     def fake_load(name, root, split, spec, *, seed=0, limit=None):  # noqa: ANN001, ANN202
         n = {"train": 100, "validation": 20}.get(split)
@@ -85,10 +85,10 @@ def test_a_validation_split_joins_the_held_out_normals(monkeypatch: pytest.Monke
 
 
 def test_manifest_records_the_parts_and_stats_come_from_the_selection_part(tiny_run) -> None:  # noqa: ANN001
-    from service.runtime import Runtime
-    from service.runtime.scoring import component_stats
-    from trainer.calibrate import components_of
-    from trainer.pipeline import load_split
+    from vaegan.service.runtime import Runtime
+    from vaegan.service.runtime.scoring import component_stats
+    from vaegan.trainer.calibrate import components_of
+    from vaegan.trainer.pipeline import load_split
 
     outcome, cfg, _, spec = tiny_run
     m = json.loads((outcome.bundle_dir / "manifest.json").read_text())
@@ -111,8 +111,8 @@ def test_manifest_records_the_parts_and_stats_come_from_the_selection_part(tiny_
 def test_calibrate_defaults_to_the_train_split_and_rebuilds_the_calibration_part(
     tiny_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from service.runtime.bundle import load_bundle
     from vaegan.cli import build_parser, main
+    from vaegan.service.runtime.bundle import load_bundle
 
     assert build_parser().parse_args(["calibrate", "--model", "m"]).split == "train"
     model = tmp_path / "bundle"

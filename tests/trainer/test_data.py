@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime.preprocess import ImageSpec, decode_image, to_model_size
-from trainer.data import (
+from vaegan.service.runtime.preprocess import ImageSpec, decode_image, to_model_size
+from vaegan.trainer.data import (
     DatasetError,
     ImageSet,
     load_dataset,
     load_folder_pair,
     mask_to_spec,
 )
-from trainer.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
-from trainer.data.synthetic import MAX_COVERAGE, MIN_COVERAGE
+from vaegan.trainer.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from vaegan.trainer.data.synthetic import MAX_COVERAGE, MIN_COVERAGE
 
 SHARED_MNIST = Path(__file__).resolve().parents[2].parent / "shared/data/mnist"
 SHARED_CIFAR = Path(__file__).resolve().parents[2].parent / "shared/data/cifar10"

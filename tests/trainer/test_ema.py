@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models import VAEGAN, ModelConfig  # noqa: E402
-from trainer.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from trainer.loop import update_ema  # noqa: E402
+from vaegan.models import VAEGAN, ModelConfig  # noqa: E402
+from vaegan.trainer.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from vaegan.trainer.loop import update_ema  # noqa: E402
 
 
 def _pair() -> tuple[VAEGAN, VAEGAN]:
@@ -44,8 +44,8 @@ def test_update_ema_warms_up() -> None:
 
 
 def test_training_with_ema_checkpoints_both_and_exports_the_average(tmp_path: Path) -> None:
-    from trainer.config import TrainConfig
-    from trainer.pipeline import image_spec_for, train_and_export
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.pipeline import image_spec_for, train_and_export
 
     cfg = TrainConfig(dataset="synthetic", epochs=2, batch_size=32, max_train=128, ema_decay=0.9)
     spec = image_spec_for("synthetic", 32, 3)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.runtime import Runtime
-from service.runtime.bundle import load_bundle
-from trainer.data import load_dataset
-from trainer.evaluate import evaluate
-from trainer.selection import CORRUPTIONS, corrupt, select_weights
 from vaegan.cli import main
+from vaegan.service.runtime import Runtime
+from vaegan.service.runtime.bundle import load_bundle
+from vaegan.trainer.data import load_dataset
+from vaegan.trainer.evaluate import evaluate
+from vaegan.trainer.selection import CORRUPTIONS, corrupt, select_weights
 
 # The tiny fixture trains 3 epochs on 768 images: it must already separate defects clearly.
 AUROC_FLOOR = 0.7
@@ -41,7 +41,7 @@ def test_tiny_bundle_separates_defects(synthetic_eval) -> None:
 
 
 def test_report_localisation_intervals_and_types(synthetic_eval) -> None:
-    from service.runtime.stats import auroc
+    from vaegan.service.runtime.stats import auroc
 
     _, test, ev = synthetic_eval
     r = ev.report
@@ -61,16 +61,16 @@ def test_report_localisation_intervals_and_types(synthetic_eval) -> None:
 def test_scores_are_deterministic_and_match_torch(synthetic_eval, tiny_run) -> None:
     import torch
 
-    from trainer.checkpoint import load_checkpoint
-    from trainer.loop import components_torch, to_tensor
-    from trainer.pipeline import select_checkpoint
+    from vaegan.trainer.checkpoint import load_checkpoint
+    from vaegan.trainer.loop import components_torch, to_tensor
+    from vaegan.trainer.pipeline import select_checkpoint
 
     rt, test, _ = synthetic_eval
     a = rt.score(test.images[:16])
     b = rt.score(test.images[:16])
     assert np.array_equal(a.score, b.score)
     outcome, cfg, _, spec = tiny_run
-    from trainer.checkpoint import model_from_checkpoint
+    from vaegan.trainer.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(select_checkpoint(outcome.run, cfg.select_checkpoint)))
     with torch.no_grad():

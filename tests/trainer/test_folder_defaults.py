@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer.data import load_dataset
-from trainer.data.folder import folder_defaults
-from trainer.pipeline import image_spec_for
+from vaegan.trainer.data import load_dataset
+from vaegan.trainer.data.folder import folder_defaults
+from vaegan.trainer.pipeline import image_spec_for
 
 
 def save(path: Path, arr: np.ndarray, mode: str | None = None) -> None:

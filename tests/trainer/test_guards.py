@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.guards import (
+from vaegan.trainer.guards import (
     COLLAPSE_RATIO,
     calibration_size_report,
     collapse_report,
@@ -72,10 +72,10 @@ def test_a_flat_generator_is_flagged_logged_and_recorded(
     """The failure seen on CIFAR: a generator that outputs one flat grey square for every input."""
     import torch
 
-    from export import write_bundle
-    from trainer.calibrate import calibrate_bundle
-    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
-    from trainer.pipeline import load_split
+    from vaegan.export import write_bundle
+    from vaegan.trainer.calibrate import calibrate_bundle
+    from vaegan.trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from vaegan.trainer.pipeline import load_split
 
     outcome, cfg, _, spec = tiny_run
     model = model_from_checkpoint(load_checkpoint(outcome.run.checkpoint))
@@ -96,9 +96,9 @@ def test_a_flat_generator_is_flagged_logged_and_recorded(
 
 
 def test_evaluate_reports_collapse_and_calibration_warnings(tiny_bundle: Path) -> None:
-    from service.runtime import Runtime
-    from trainer.data import load_dataset
-    from trainer.evaluate import evaluate
+    from vaegan.service.runtime import Runtime
+    from vaegan.trainer.data import load_dataset
+    from vaegan.trainer.evaluate import evaluate
 
     rt = Runtime.load(tiny_bundle, providers="cpu")
     ev = evaluate(rt, load_dataset("synthetic", None, "test", rt.spec, limit=40), progress=False)

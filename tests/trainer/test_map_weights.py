@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.selection import select_map_weights
+from vaegan.trainer.selection import select_map_weights
 
 
 def _case(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:

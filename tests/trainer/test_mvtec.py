@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime.preprocess import RESIZE_POLICIES, ImageSpec
-from trainer.data import DATASETS, NATIVE, SPLITS, DatasetError, load_dataset
-from trainer.data.mvtec import load_mvtec
+from vaegan.service.runtime.preprocess import RESIZE_POLICIES, ImageSpec
+from vaegan.trainer.data import DATASETS, NATIVE, SPLITS, DatasetError, load_dataset
+from vaegan.trainer.data.mvtec import load_mvtec
 
 SPEC = ImageSpec(channels=3, height=8, width=8)
 # defect boxes (top, left, bottom, right) in source pixels, aligned so that the 2x and 4x
@@ -134,10 +134,10 @@ def test_validation_split_only_for_mvtec(name: str, tmp_path: Path) -> None:
 
 
 def test_cli_loads_mvtec_for_evaluate_and_calibrate(mvtec_root: Path) -> None:
-    import trainer.data
     from vaegan import cli
+    from vaegan.trainer import data as trainer_data
 
-    assert cli.DATASETS == trainer.data.DATASETS and cli.SPLITS == trainer.data.SPLITS
+    assert cli.DATASETS == trainer_data.DATASETS and cli.SPLITS == trainer_data.SPLITS
     parser = cli.build_parser()
     args = parser.parse_args(["evaluate", "--model", "m", "--out", "o", "--dataset", "mvtec",
                               "--data-root", str(mvtec_root)])

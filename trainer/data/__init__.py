@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.runtime.preprocess import ImageSpec, fit_to_spec, to_model_size
+from vaegan.service.runtime.preprocess import ImageSpec, fit_to_spec, to_model_size
 
 __all__ = [
     "DATASETS",
@@ -172,7 +172,7 @@ def load_dataset(
         raise DatasetError(f"limit must be a positive number of images, got {limit}")
     start = time.perf_counter()
     if name == "synthetic":
-        from trainer.data.synthetic import load_synthetic
+        from vaegan.trainer.data.synthetic import load_synthetic
 
         data = load_synthetic(split, spec, seed=seed, limit=limit)
     else:
@@ -182,19 +182,19 @@ def load_dataset(
         if not root.is_dir():
             raise DatasetError(f"{root}: no such folder; expected the {name} data there")
         if name in ("mnist", "fashion-mnist"):
-            from trainer.data.idx import load_idx
+            from vaegan.trainer.data.idx import load_idx
 
             data = load_idx(name, root, split, spec, limit=limit)
         elif name == "cifar10":
-            from trainer.data.cifar import load_cifar10
+            from vaegan.trainer.data.cifar import load_cifar10
 
             data = load_cifar10(root, split, spec, limit=limit)
         elif name == "mvtec":
-            from trainer.data.mvtec import load_mvtec
+            from vaegan.trainer.data.mvtec import load_mvtec
 
             data = load_mvtec(root, split, spec if spec is not None else native_spec("mvtec"), limit=limit)
         else:
-            from trainer.data.folder import load_folder
+            from vaegan.trainer.data.folder import load_folder
 
             data = load_folder(root, split, spec if spec is not None else native_spec("folder"), limit=limit)
     logger.info(
@@ -216,6 +216,6 @@ def load_folder_pair(
     ``<stem>_mask``, as in MVTec AD), any image format, non-zero = defect; normal images get
     all-False masks. Without it, ``masks`` is None.
     """
-    from trainer.data.folder import load_pair
+    from vaegan.trainer.data.folder import load_pair
 
     return load_pair(Path(normal_dir), Path(anomalous_dir), None if masks_dir is None else Path(masks_dir), spec)

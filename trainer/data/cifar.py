@@ -21,9 +21,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from service.runtime.preprocess import ImageSpec, to_model_size
-from trainer.data import DatasetError, ImageSet, images_to_spec, interleave_by_rank, native_spec
-from trainer.data.folder import IMG_EXTENSIONS, decode_bytes, list_images, read_image
+from vaegan.service.runtime.preprocess import ImageSpec, to_model_size
+from vaegan.trainer.data import (
+    DatasetError,
+    ImageSet,
+    images_to_spec,
+    interleave_by_rank,
+    native_spec,
+)
+from vaegan.trainer.data.folder import IMG_EXTENSIONS, decode_bytes, list_images, read_image
 
 __all__ = ["CLASS_NAMES", "load_cifar10"]
 

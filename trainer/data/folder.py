@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.runtime.errors import InvalidInput
-from service.runtime.preprocess import ImageSpec, decode_image, is_grey_image, to_model_size
-from trainer.data import DatasetError, ImageSet, interleave_by_rank, mask_to_spec
+from vaegan.service.runtime.errors import InvalidInput
+from vaegan.service.runtime.preprocess import ImageSpec, decode_image, is_grey_image, to_model_size
+from vaegan.trainer.data import DatasetError, ImageSet, interleave_by_rank, mask_to_spec
 
 __all__ = [
     "IMG_EXTENSIONS",

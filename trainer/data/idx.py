@@ -13,8 +13,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from service.runtime.preprocess import ImageSpec
-from trainer.data import DatasetError, ImageSet, images_to_spec
+from vaegan.service.runtime.preprocess import ImageSpec
+from vaegan.trainer.data import DatasetError, ImageSet, images_to_spec
 
 __all__ = ["CLASS_NAMES", "IMAGES_MAGIC", "LABELS_MAGIC", "find_idx_file", "load_idx", "read_idx"]
 

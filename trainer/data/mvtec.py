@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime.preprocess import ImageSpec, to_model_size
-from trainer.data import DatasetError, ImageSet, interleave_by_rank, mask_to_spec
-from trainer.data.folder import IMG_EXTENSIONS, list_images, read_image
+from vaegan.service.runtime.preprocess import ImageSpec, to_model_size
+from vaegan.trainer.data import DatasetError, ImageSet, interleave_by_rank, mask_to_spec
+from vaegan.trainer.data.folder import IMG_EXTENSIONS, list_images, read_image
 
 __all__ = ["GOOD", "MVTEC_SPLITS", "load_mvtec"]
 

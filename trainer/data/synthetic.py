@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.runtime.preprocess import ImageSpec
-from trainer.data import ImageSet, images_to_spec, native_spec
+from vaegan.service.runtime.preprocess import ImageSpec
+from vaegan.trainer.data import ImageSet, images_to_spec, native_spec
 
 __all__ = [
     "CLASS_NAMES",

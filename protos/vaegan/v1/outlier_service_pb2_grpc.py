@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.vaegan.v1 import outlier_service_pb2 as protos_dot_vaegan_dot_v1_dot_outlier__service__pb2
+from vaegan.protos.vaegan.v1 import outlier_service_pb2 as protos_dot_vaegan_dot_v1_dot_outlier__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
