@@ -38,6 +38,7 @@ from vaegan.service.server.auth import BasicAuth, TokenSet
 from vaegan.service.server.batcher import DynamicBatcher
 from vaegan.service.server.budget import InflightPixels
 from vaegan.service.server.config import ServiceConfig
+from vaegan.service.server.http import HttpEndpoint, build_app, start_http
 from vaegan.service.server.interceptor import InstrumentedServicer, add_to_server
 from vaegan.service.server.metrics import (
     MetricsEndpoint,
@@ -62,6 +63,7 @@ class BoundPorts:
 
     grpc: int
     metrics: int | None  # None: no metrics endpoint
+    http: int | None = None  # None: no OIP HTTP/REST endpoint
 
 
 class OutlierServer:
@@ -76,6 +78,7 @@ class OutlierServer:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._endpoint: MetricsEndpoint | None = None
+        self._http: HttpEndpoint | None = None
         self.fatal = asyncio.Event()  # set when the model can no longer serve (the batcher died)
         self.fatal_reason = ""
         self._ort_pool = ThreadPoolExecutor(config.model_instances, thread_name_prefix="vaegan-ort")
@@ -129,7 +132,12 @@ class OutlierServer:
                 BasicAuth.load(cfg.metrics_basic_auth_file) if cfg.metrics_basic_auth_file is not None else None,
             )
             self._endpoint = start_metrics_endpoint(self.metrics.registry, cfg.metrics_host, cfg.metrics_port, security)
-        self.ports = BoundPorts(port, self._endpoint.port if self._endpoint else None)
+        if cfg.http_port >= 0:
+            app = build_app(self.inference, self.metrics, tokens, cfg.max_message_bytes)
+            self._http = await start_http(app, cfg.host, cfg.http_port)
+        self.ports = BoundPorts(
+            port, self._endpoint.port if self._endpoint else None, self._http.port if self._http else None
+        )
         logger.info("gRPC on %s:%d (NOT_SERVING until the model is warm)", cfg.host, port)
         return self.ports
 
@@ -190,6 +198,9 @@ class OutlierServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._http is not None:  # readiness is already 503; in-flight HTTP calls finish
+            await self._http.close()
+            self._http = None
         if self.model is not None:
             await self.model.batcher.close()
             self.servicer.attach(None)

@@ -31,6 +31,7 @@ class ServiceConfig:
     # Prometheus /metrics bind address: loopback unless asked (a pod sets 0.0.0.0 for its scraper)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090  # 0 = ephemeral, < 0 = no metrics endpoint
+    http_port: int = -1  # Open Inference Protocol over HTTP/REST on --host; 0 = ephemeral, -1 = off
     providers: str = "auto"  # ONNX Runtime providers: auto | cpu | cuda | tensorrt
     intra_op_threads: int = 0  # threads per ONNX Runtime run; 0 = all cores but one (min 1)
     ort_spin: bool = False  # idle ONNX Runtime threads busy-wait: lower latency on dedicated cores
@@ -87,6 +88,8 @@ class ServiceConfig:
             raise ValueError(f"port must be in 0..65535 (0 = ephemeral), got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in -1..65535 (0 = ephemeral, -1 = off), got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in -1..65535 (0 = ephemeral, -1 = off), got {self.http_port}")
         bounded = {"max_delay_ms": 60_000.0, "grace_seconds": 3600.0, "switch_interval_ms": 1000.0}
         for name, top in bounded.items():
             value = getattr(self, name)
@@ -224,6 +227,8 @@ def add_serve_arguments(
     add("--port", int, d.port, "gRPC port, 0 = ephemeral; default %(default)s")
     add("--metrics-host", str, d.metrics_host, "/metrics bind address; default %(default)s")
     add("--metrics-port", int, d.metrics_port, "/metrics port, 0 = ephemeral, -1 = off; default %(default)s")
+    add("--http-port", int, d.http_port,
+        "Open Inference Protocol (KServe v2) over HTTP/REST on this port, 0 = ephemeral, -1 = off; default %(default)s")
     add("--providers", str, d.providers, "ONNX Runtime providers; default %(default)s",
         choices=["auto", "cpu", "cuda", "tensorrt"])
     add("--intra-op-threads", int, d.intra_op_threads, "threads per ONNX Runtime run, 0 = cores - 1")

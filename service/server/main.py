@@ -33,7 +33,7 @@ EXIT_BAD_SETUP = 2
 
 def _write_ready_file(path: Path, ports: BoundPorts) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"port": ports.grpc, "metrics_port": ports.metrics, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"port": ports.grpc, "metrics_port": ports.metrics, "http_port": ports.http, "pid": os.getpid()}))
     tmp.replace(path)
 
 

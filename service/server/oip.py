@@ -49,7 +49,10 @@ from vaegan.service.runtime.scoring import ALL_COMPONENTS
 from vaegan.service.server.codec import array_to_png, array_to_tensor, decode_output
 from vaegan.service.server.servicer import LoadedModel, OutlierServicer
 
-__all__ = ["INPUT", "OUTPUTS", "OIP_SERVICE", "InferenceServicer", "pack_bytes", "unpack_bytes"]
+__all__ = [
+    "INPUT", "OIP_SERVICE", "OUTPUTS", "InferenceServicer", "check_inputs", "pack_bytes", "requested_outputs",
+    "tensor_images", "unpack_bytes",
+]
 
 OIP_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 INPUT = "IMAGES"
@@ -86,26 +89,38 @@ def unpack_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
 def _images(request: oip.ModelInferRequest) -> list[pb.Image]:
     """The request's IMAGES tensor as vaegan.v1 Images (raw uint8 tensors or encoded files)."""
     names = [t.name for t in request.inputs]
-    if names.count(INPUT) != 1 or len(names) != 1:
-        raise InvalidInput(f"inputs: expected exactly one input named '{INPUT}', got {names or 'none'}")
+    check_inputs(names)
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents: {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs"
         )
     t = request.inputs[0]
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
-    shape = [int(s) for s in t.shape]
+    return tensor_images(t.datatype, list(t.shape), raw, t.contents.uint_contents, t.contents.bytes_contents)
+
+
+def check_inputs(names: Sequence[str]) -> None:
+    if list(names) != [INPUT]:
+        raise InvalidInput(f"inputs: expected exactly one input named '{INPUT}', got {list(names) or 'none'}")
+
+
+def tensor_images(
+    datatype: str, shape: Sequence[int], raw: bytes | None, values: Sequence[int] = (), items: Sequence[bytes] = ()
+) -> list[pb.Image]:
+    """The IMAGES tensor, from its raw bytes or typed ``values`` (UINT8) / ``items`` (BYTES),
+    as vaegan.v1 Images: the one reader for gRPC and HTTP requests."""
+    shape = [int(s) for s in shape]
     where = f"input '{INPUT}'"
     if any(s < 0 for s in shape):
         raise InvalidInput(f"{where}: negative dimension in shape {shape}")
-    if t.datatype == "BYTES":
+    if datatype == "BYTES":
         if len(shape) != 1:
             raise InvalidInput(f"{where}: a BYTES tensor of encoded images has shape [N], got {shape}")
-        files = unpack_bytes(raw, shape[0], where) if raw is not None else list(t.contents.bytes_contents)
+        files = unpack_bytes(raw, shape[0], where) if raw is not None else list(items)
         if len(files) != shape[0]:
             raise InvalidInput(f"{where}: shape {shape} but {len(files)} elements in contents")
         return [pb.Image(encoded=f) for f in files]  # errors name "image <index>"
-    if t.datatype == "UINT8":
+    if datatype == "UINT8":
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
             raise InvalidInput(f"{where}: a UINT8 tensor has shape [N, H, W] or [N, H, W, C] with C 1 or 3, got {shape}")
         count = int(np.prod(shape, dtype=np.int64))
@@ -114,19 +129,19 @@ def _images(request: oip.ModelInferRequest) -> list[pb.Image]:
                 raise InvalidInput(f"{where}: shape {shape} needs {count} bytes, raw contents have {len(raw)}")
             arr = np.frombuffer(raw, np.uint8).reshape(shape)
         else:
-            values = t.contents.uint_contents
             if len(values) != count:
-                raise InvalidInput(f"{where}: shape {shape} needs {count} values, uint_contents has {len(values)}")
-            arr = np.asarray(values, np.uint32)
-            if arr.size and int(arr.max()) > 255:
-                raise InvalidInput(f"{where}: UINT8 values above 255 in uint_contents")
-            arr = arr.astype(np.uint8).reshape(shape)
+                raise InvalidInput(f"{where}: shape {shape} needs {count} values, the contents have {len(values)}")
+            flat = np.asarray(values, np.int64)
+            if flat.size and (int(flat.max()) > 255 or int(flat.min()) < 0):
+                raise InvalidInput(f"{where}: UINT8 values outside 0..255 in the contents")
+            arr = flat.astype(np.uint8).reshape(shape)
         return [pb.Image(tensor=array_to_tensor(a)) for a in arr]
-    raise InvalidInput(f"{where}: datatype must be UINT8 (pixels) or BYTES (encoded files), got {t.datatype!r}")
+    raise InvalidInput(f"{where}: datatype must be UINT8 (pixels) or BYTES (encoded files), got {datatype!r}")
 
 
-def _requested(request: oip.ModelInferRequest) -> list[str]:
-    names = [o.name for o in request.outputs] or list(DEFAULT_OUTPUTS)
+def requested_outputs(names: Sequence[str]) -> list[str]:
+    """The outputs to compute: those named, or the defaults."""
+    names = list(names) or list(DEFAULT_OUTPUTS)
     unknown = [n for n in names if n not in OUTPUTS]
     if unknown:
         raise InvalidInput(f"outputs: unknown output {unknown[0]!r} (this model has {', '.join(OUTPUTS)})")
@@ -177,14 +192,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self.outlier._model is not None and self.serving())
+        return oip.ServerReadyResponse(ready=self.ready())
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext) -> oip.ModelReadyResponse:
-        try:
-            self._model(request.name, request.version)
-        except (ModelNotReady, NotFound):  # as Triton: not ready, rather than an error
-            return oip.ModelReadyResponse(ready=False)
-        return oip.ModelReadyResponse(ready=self.serving())
+        return oip.ModelReadyResponse(ready=self.model_ready(request.name, request.version))
 
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -194,7 +205,61 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        model = self._model(request.name, request.version)
+        return self.metadata(request.name, request.version)
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
+        self._model(request.model_name, request.model_version)  # an unknown model first, as Triton
+        model, outputs = await self.infer(
+            request.model_name, request.model_version, _images(request), [o.name for o in request.outputs]
+        )
+        response = oip.ModelInferResponse(
+            model_name=model.runtime.bundle.name, model_version=model.runtime.bundle.version, id=request.id
+        )
+        for name, datatype, value in outputs:
+            tensor, raw = _raw_tensor(name, datatype, value)
+            response.outputs.append(tensor)
+            response.raw_output_contents.append(raw)
+        return response
+
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryIndexResponse:
+        """The served model (one per server until the model-repository work lands)."""
+        model = self.outlier._model
+        if model is None:
+            return oip.RepositoryIndexResponse()
+        ready = self.serving()
+        if request.ready and not ready:
+            return oip.RepositoryIndexResponse()
+        b = model.runtime.bundle
+        entry = oip.RepositoryIndexResponse.ModelIndex(
+            name=b.name, version=b.version, state="READY" if ready else "UNAVAILABLE",
+            reason="" if ready else "the server is draining or stopped serving",
+        )
+        return oip.RepositoryIndexResponse(models=[entry])
+
+    async def infer(
+        self, model_name: str, model_version: str, images: list[pb.Image], output_names: Sequence[str]
+    ) -> tuple[LoadedModel, list[tuple[str, str, np.ndarray | list[bytes]]]]:
+        """Score ``images`` through vaegan.v1 and build the requested outputs: (the model, and
+        (name, datatype, value) per output). Shared by OIP over gRPC and over HTTP."""
+        model = self._model(model_name, model_version)
+        names = requested_outputs(output_names)
+        score_request = pb.ScoreRequest(
+            images=images,
+            options=pb.ScoreOptions(
+                return_anomaly_map="ANOMALY_MAP" in names,
+                return_reconstruction="RECONSTRUCTION" in names,
+                return_repaired="REPAIRED" in names,
+                image_format=pb.IMAGE_FORMAT_RAW,
+            ),
+        )
+        results = (await self.outlier._score(score_request, "ModelInfer")).results
+        builders = self._outputs(model)
+        return model, [(n, builders[n].datatype, builders[n].build(results)) for n in names]
+
+    def metadata(self, name: str, version: str) -> oip.ModelMetadataResponse:
+        model = self._model(name, version)
         rt = model.runtime
         s = rt.spec
         meta = oip.ModelMetadataResponse.TensorMetadata
@@ -213,29 +278,15 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
-        model = self._model(request.model_name, request.model_version)
-        names = _requested(request)
-        score_request = pb.ScoreRequest(
-            images=_images(request),
-            options=pb.ScoreOptions(
-                return_anomaly_map="ANOMALY_MAP" in names,
-                return_reconstruction="RECONSTRUCTION" in names,
-                return_repaired="REPAIRED" in names,
-                image_format=pb.IMAGE_FORMAT_RAW,
-            ),
-        )
-        results = (await self.outlier._score(score_request, "ModelInfer")).results
-        outputs = self._outputs(model)
-        response = oip.ModelInferResponse(
-            model_name=model.runtime.bundle.name, model_version=model.runtime.bundle.version, id=request.id
-        )
-        for name in names:
-            out = outputs[name]
-            tensor, raw = _raw_tensor(name, out.datatype, out.build(results))
-            response.outputs.append(tensor)
-            response.raw_output_contents.append(raw)
-        return response
+    def ready(self) -> bool:
+        return self.outlier._model is not None and self.serving()
+
+    def model_ready(self, name: str, version: str) -> bool:
+        try:
+            self._model(name, version)
+        except (ModelNotReady, NotFound):  # as Triton: not ready, rather than an error
+            return False
+        return self.serving()
 
     def _outputs(self, model: LoadedModel) -> dict[str, _Output]:
         comps = _components(model)

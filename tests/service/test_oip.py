@@ -36,7 +36,8 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     ready = d / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vaegan.service.server", "--model", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "-1", "--providers", "cpu", "--ready-file", str(ready), "--log-level", "WARNING"],
+         "--metrics-port", "-1", "--http-port", "0", "--providers", "cpu", "--ready-file", str(ready),
+         "--log-level", "WARNING"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL,
     )
     try:
@@ -46,8 +47,9 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             assert time.monotonic() < deadline, "the server did not get ready"
             time.sleep(0.05)
         manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-        yield {"url": f"127.0.0.1:{json.loads(ready.read_text())['port']}", "name": manifest["name"],
-               "version": str(manifest["version"]), "dir": d}
+        ports = json.loads(ready.read_text())
+        yield {"url": f"127.0.0.1:{ports['port']}", "http": f"127.0.0.1:{ports['http_port']}",
+               "name": manifest["name"], "version": str(manifest["version"]), "dir": d}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -67,7 +69,7 @@ def seen(server: dict, images: np.ndarray) -> dict:
     np.save(path, images)
     out = subprocess.run(
         [sys.executable, str(REPO / "tests/service/oip/triton_checks.py"), server["url"], server["name"],
-         server["version"], str(path)],
+         server["version"], str(path), server["http"]],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -176,3 +178,93 @@ def test_bytes_tensor_packing_round_trips_and_refuses_bad_lengths() -> None:
         unpack_bytes(pack_bytes(items)[:10], 3, "x")
     with pytest.raises(InvalidInput, match="bytes left after the 2 elements"):
         unpack_bytes(pack_bytes(items), 2, "x")
+
+
+# ---- over HTTP/REST -------------------------------------------------------------------------------
+def test_http_health_metadata_and_infer_equal_grpc(seen: dict, server: dict, images: np.ndarray) -> None:
+    h = seen["http"]
+    assert h["live"] and h["ready"] and h["model_ready"] and h["other_ready"] is False
+    assert h["server_metadata"]["name"] == "vaegan"
+    http_outputs = [(o["name"], o["datatype"], [int(x) for x in o["shape"]]) for o in h["model_metadata"]["outputs"]]
+    grpc_outputs = [(o["name"], o["datatype"], [int(x) for x in o["shape"]]) for o in seen["model_metadata"]["outputs"]]
+    assert http_outputs == grpc_outputs
+    ref = _score(server["url"], images, return_anomaly_map=True)
+    for key in ("binary", "json"):  # the binary data extension and plain JSON tensors
+        got = h[key]
+        np.testing.assert_allclose(got["SCORE"], [r.score for r in ref], rtol=1e-6, atol=1e-6)
+        assert got["IS_OUTLIER"] == [r.is_outlier for r in ref]
+        np.testing.assert_allclose(got["COMPONENTS"], seen["uint8"]["COMPONENTS"], rtol=1e-6)
+        np.testing.assert_allclose(got["ANOMALY_MAP"], seen["uint8"]["ANOMALY_MAP"], rtol=1e-6)
+        assert h[key + "_id"] == "h-1"
+    np.testing.assert_allclose(h["bytes_score"], seen["bytes_score"], rtol=1e-6)
+    assert h["repaired_shapes"] == seen["repaired_shapes"]
+    assert h["errors"]["five_channels"][0] == "400" and "C 1 or 3" in h["errors"]["five_channels"][1]
+    assert h["errors"]["unknown_model"][0] == "404"
+
+
+def _http(server: dict, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{server['http']}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_http_json_infer_and_errors_name_the_tensor(server: dict) -> None:
+    name = server["name"]
+    data = [[[[7, 7, 7]] * 8] * 8]  # nested lists are accepted, as flat ones
+    body = {"id": "j", "inputs": [{"name": "IMAGES", "datatype": "UINT8", "shape": [1, 8, 8, 3], "data": data}]}
+    status, headers, raw = _http(server, "POST", f"/v2/models/{name}/infer", json.dumps(body).encode())
+    assert status == 200, raw
+    doc = json.loads(raw)
+    assert [o["name"] for o in doc["outputs"]] == ["SCORE", "IS_OUTLIER", "TAIL_PROBABILITY", "COMPONENTS"]
+    (ref,) = _score(server["url"], np.full((1, 8, 8, 3), 7, np.uint8))
+    assert abs(doc["outputs"][0]["data"][0] - ref.score) < 1e-5 and doc["id"] == "j"
+    cases = [
+        (b"{not json", None, 400, "not valid JSON"),
+        (json.dumps({"inputs": [{"name": "IMAGES", "datatype": "UINT8", "shape": [1, 2, 2], "data": [1, 2, 3]}]}).encode(),
+         None, 400, "shape [1, 2, 2] needs 4 values, the contents have 3"),
+        (json.dumps({"inputs": [{"name": "IMAGES", "datatype": "UINT8", "shape": [1, 2, 2], "data": [1, 2, 3, 300]}]}).encode(),
+         None, 400, "outside 0..255"),
+        (json.dumps({"inputs": [{"name": "IMAGES", "datatype": "UINT8", "shape": [1, 2, 2],
+                                 "parameters": {"binary_data_size": 4}}]}).encode() + b"\0\0",
+         "bin", 400, "binary_data_size is 4, but 2 bytes follow"),
+        (json.dumps({"inputs": []}).encode(), None, 400, "exactly one input named 'IMAGES'"),
+    ]
+    for payload, kind, code, message in cases:
+        headers = {}
+        if kind == "bin":
+            headers = {"Inference-Header-Content-Length": str(payload.index(b"\0"))}
+        status, _, raw = _http(server, "POST", f"/v2/models/{name}/infer", payload, headers)
+        assert status == code and message in json.loads(raw)["error"], (status, raw)
+    assert _http(server, "POST", "/v2/models/other/infer", json.dumps(body).encode())[0] == 404
+    assert _http(server, "GET", f"/v2/models/{name}/versions/999/ready")[0] == 503
+    assert _http(server, "GET", "/v2/health/ready")[0] == 200
+    status, _, raw = _http(server, "POST", "/v2/repository/index", b"{}")
+    assert status == 200 and json.loads(raw) == [{"name": name, "version": server["version"], "state": "READY", "reason": ""}]
+
+
+def test_http_needs_the_token_except_for_health(tiny_bundle: Path, tmp_path: Path) -> None:
+    from vaegan.service.runtime import Runtime
+    from vaegan.service.server.auth import hash_token
+    from vaegan.service.server.config import ServiceConfig
+    from vaegan.service.server.testing import ServerThread
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(hash_token("tok") + "\n")
+    cfg = ServiceConfig(model=tiny_bundle, host="127.0.0.1", port=0, metrics_port=-1, http_port=0, auth_tokens_file=tokens)
+    with ServerThread(cfg, Runtime.load(tiny_bundle, providers="cpu")) as srv:
+        server = {"http": f"127.0.0.1:{srv.ports.http}"}
+        name = srv.server.runtime.bundle.name
+        body = json.dumps({"inputs": [{"name": "IMAGES", "datatype": "UINT8", "shape": [1, 2, 2], "data": [1, 2, 3, 4]}]}).encode()
+        assert _http(server, "GET", "/v2/health/ready")[0] == 200
+        assert _http(server, "GET", f"/v2/models/{name}/ready")[0] == 200
+        status, _, raw = _http(server, "POST", f"/v2/models/{name}/infer", body)
+        assert status == 401 and "bearer token" in json.loads(raw)["error"]
+        assert _http(server, "POST", f"/v2/models/{name}/infer", body, {"Authorization": "Bearer nope"})[0] == 401
+        assert _http(server, "POST", f"/v2/models/{name}/infer", body, {"Authorization": "Bearer tok"})[0] == 200
+        assert _http(server, "GET", f"/v2/models/{name}")[0] == 401

@@ -2,7 +2,7 @@
 vaegan server. tritonclient registers its own ``inference`` protobuf package, which would clash
 with the service's in one process, so the checks run here and print what they saw as JSON.
 
-    python tests/service/oip/triton_checks.py HOST:PORT MODEL VERSION IMAGES.npy
+    python tests/service/oip/triton_checks.py HOST:PORT MODEL VERSION IMAGES.npy HOST:HTTP_PORT
 """
 
 from __future__ import annotations
@@ -37,7 +37,41 @@ def _error(fn) -> list[str]:
     return ["OK", ""]
 
 
-def main(url: str, model: str, version: str, images_path: str) -> dict:
+def http_checks(url: str, model: str, images: np.ndarray) -> dict:
+    """The same through tritonclient.http (binary data extension and plain JSON)."""
+    import tritonclient.http as th
+
+    c = th.InferenceServerClient(url)
+    out: dict = {
+        "live": c.is_server_live(), "ready": c.is_server_ready(), "model_ready": c.is_model_ready(model),
+        "other_ready": c.is_model_ready("other"), "server_metadata": c.get_server_metadata(),
+        "model_metadata": c.get_model_metadata(model),
+    }
+    for binary in (True, False):
+        inp = th.InferInput("IMAGES", list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images, binary_data=binary)
+        outs = [th.InferRequestedOutput(n, binary_data=binary) for n in ("SCORE", "IS_OUTLIER", "COMPONENTS", "ANOMALY_MAP")]
+        r = c.infer(model, [inp], outputs=outs, request_id="h-1")
+        key = "binary" if binary else "json"
+        out[key] = {n: r.as_numpy(n).tolist() for n in ("SCORE", "IS_OUTLIER", "COMPONENTS", "ANOMALY_MAP")}
+        out[key + "_id"] = r.get_response()["id"]
+    files = np.array([_png(a) for a in images], dtype=np.object_)
+    inp = th.InferInput("IMAGES", [len(files)], "BYTES")
+    inp.set_data_from_numpy(files, binary_data=True)
+    r = c.infer(model, [inp], outputs=[th.InferRequestedOutput("SCORE"), th.InferRequestedOutput("REPAIRED", binary_data=True)])
+    out["bytes_score"] = r.as_numpy("SCORE").tolist()
+    out["repaired_shapes"] = [list(np.asarray(Image.open(io.BytesIO(b))).shape) for b in r.as_numpy("REPAIRED")]
+    bad = th.InferInput("IMAGES", [1, 4, 4, 5], "UINT8")
+    bad.set_data_from_numpy(np.zeros((1, 4, 4, 5), np.uint8))
+    out["errors"] = {
+        "five_channels": _error(lambda: c.infer(model, [bad])),
+        "unknown_model": _error(lambda: c.infer("other", [bad])),
+    }
+    c.close()
+    return out
+
+
+def main(url: str, model: str, version: str, images_path: str, http_url: str) -> dict:
     images = np.load(images_path)  # (N, H, W, 3) uint8
     c = tc.InferenceServerClient(url)
     out: dict = {
@@ -75,8 +109,9 @@ def main(url: str, model: str, version: str, images_path: str) -> dict:
         "unknown_output": _error(lambda: c.infer(model, [x], outputs=[tc.InferRequestedOutput("LOGITS")])),
     }
     c.close()
+    out["http"] = http_checks(http_url, model, images)
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:5])))
+    print(json.dumps(main(*sys.argv[1:6])))
