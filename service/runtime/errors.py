@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "BundleError",
+    "FailedPrecondition",
     "InvalidInput",
     "ModelNotReady",
     "NotFound",
@@ -40,6 +41,12 @@ class ModelNotReady(ServiceError):
     """No model is loaded yet, or the server is shutting down."""
 
     status_name = "UNAVAILABLE"
+
+
+class FailedPrecondition(ServiceError):
+    """The call cannot be done in the server's present setup (e.g. no model repository)."""
+
+    status_name = "FAILED_PRECONDITION"
 
 
 class NotFound(ServiceError):

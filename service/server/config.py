@@ -25,7 +25,7 @@ MIB = 1 << 20
 class ServiceConfig:
     """Everything ``vaegan serve`` needs to know; built once in the entry point."""
 
-    model: Path  # bundle directory, or a model repository (highest version is served)
+    model: Path | None = None  # bundle directory, or one model's folder of versions (the highest is served)
     host: str = "[::]"  # gRPC bind address
     port: int = 50051  # gRPC port; 0 = ephemeral (the bound port is reported)
     # Prometheus /metrics bind address: loopback unless asked (a pod sets 0.0.0.0 for its scraper)
@@ -64,6 +64,12 @@ class ServiceConfig:
     tls_client_ca_file: Path | None = None  # PEM CA: mutual TLS, every client must present a cert it signed
     auth_tokens_file: Path | None = None  # SHA-256 digests of accepted bearer tokens (service.server.auth)
     allow_overrides: bool = True  # requests may set their own weights and threshold
+    # a model repository DIR/<name>/<version>/ (Triton's layout): several models and versions
+    model_repository: Path | None = None
+    model_control_mode: str = "none"  # none (load at start) | poll (rescan) | explicit (load/unload calls)
+    repository_poll_secs: float = 15.0
+    version_policy: str = "latest:1"  # latest[:N] | all | specific:V1,V2
+    load_models: str = ""  # explicit mode: models to load at start, comma-separated
     metrics_tls_cert_file: Path | None = None  # PEM chain: serve /metrics over HTTPS (with the key)
     metrics_tls_key_file: Path | None = None
     metrics_tls_client_ca_file: Path | None = None  # PEM CA: scrapers must present a cert it signed
@@ -97,6 +103,17 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be a number in 0..{top:g}, got {value}")
         if self.ready_file is not None:
             _check_writable(Path(self.ready_file), "ready_file")
+        if (self.model is None) == (self.model_repository is None):
+            raise ValueError("give either model (one bundle) or model_repository (DIR/<name>/<version>/), not both or neither")
+        if self.model_repository is not None and not Path(self.model_repository).is_dir():
+            raise ValueError(f"model_repository {self.model_repository}: no such directory")
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ValueError(f"model_control_mode must be none, poll or explicit, got {self.model_control_mode!r}")
+        if not (math.isfinite(self.repository_poll_secs) and 0.1 <= self.repository_poll_secs <= 86400):
+            raise ValueError(f"repository_poll_secs must be in 0.1..86400, got {self.repository_poll_secs}")
+        from vaegan.service.server.repository import VersionPolicy
+
+        VersionPolicy.parse(self.version_policy)  # refuse a bad policy now
         if self.providers not in ("auto", "cpu", "cuda", "tensorrt"):
             raise ValueError(f"providers must be auto, cpu, cuda or tensorrt, got {self.providers!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -220,8 +237,9 @@ def add_serve_arguments(
 
     model = env.get(env_name("--model"))
     parser.add_argument(
-        "--model", type=Path, default=model, required=model is None,
-        help="bundle directory or model repository (env VAEGAN_MODEL)",
+        "--model", type=Path, default=model,
+        help="bundle directory, or one model's folder of numbered versions (env VAEGAN_MODEL); "
+        "or --model-repository",
     )
     add("--host", str, d.host, "gRPC bind address; default %(default)s")
     add("--port", int, d.port, "gRPC port, 0 = ephemeral; default %(default)s")
@@ -275,6 +293,15 @@ def add_serve_arguments(
     add("--metrics-tls-client-ca-file", Path, None, "PEM CA: scrapers must present a certificate it signed")
     add("--metrics-basic-auth-file", Path, None,
         "'user:<sha256 hex of the password>' lines: /metrics asks for HTTP basic auth")
+    add("--model-repository", Path, None,
+        "serve every model of DIR/<name>/<version>/ (Triton's layout) instead of one --model")
+    add("--model-control-mode", str, d.model_control_mode,
+        "none: load the repository at start; poll: also rescan it every --repository-poll-secs and roll "
+        "versions forward; explicit: load/unload only through the repository API; default %(default)s",
+        choices=["none", "poll", "explicit"])
+    add("--repository-poll-secs", float, d.repository_poll_secs, "default %(default)s")
+    add("--version-policy", str, d.version_policy, "latest[:N], all or specific:V1,V2; default %(default)s")
+    add("--load-models", str, d.load_models, "explicit mode: models to load at start, comma-separated")
     return parser
 
 

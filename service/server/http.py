@@ -9,6 +9,7 @@ Endpoints (KServe v2 / Triton):
 ``GET  /v2/models/{name}[/versions/{v}]/ready``            200, or 503 when not ready
 ``POST /v2/models/{name}[/versions/{v}]/infer``            inference
 ``POST /v2/repository/index``                              the served models and their state
+``POST /v2/repository/models/{name}/load`` / ``unload``      explicit model control
 ========================================================== ======================================
 
 Infer bodies are JSON, or JSON followed by binary tensor data (the binary data extension that
@@ -201,6 +202,18 @@ class _Routes:
             {"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in index.models
         ])
 
+    async def repository_load(self, request: web.Request) -> web.Response:
+        from vaegan.protos.inference.v2 import grpc_predict_v2_pb2 as oip
+
+        await self.inference.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name=request.match_info["name"]), None)
+        return web.json_response({})
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        from vaegan.protos.inference.v2 import grpc_predict_v2_pb2 as oip
+
+        await self.inference.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name=request.match_info["name"]), None)
+        return web.json_response({})
+
     async def infer(self, request: web.Request) -> web.Response:
         self.inference._model(request.match_info["name"], request.match_info.get("version", ""))  # 404 first
         doc, binary = _parse_body(await request.read(), request.headers.get(HEADER_LENGTH))
@@ -220,8 +233,7 @@ class _Routes:
             else:
                 entry["data"] = _json_value(datatype, value)
             described.append(entry)
-        b = model.runtime.bundle
-        head: dict[str, Any] = {"model_name": b.name, "model_version": b.version, "outputs": described}
+        head: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": described}
         if isinstance(doc.get("id"), str):
             head["id"] = doc["id"]
         header = json.dumps(head).encode()
@@ -250,6 +262,8 @@ def build_app(inference: InferenceServicer, metrics: ServerMetrics, tokens: Toke
         web.post(model + "/infer", r.wrap("ModelInfer", r.infer)),
         web.post(version + "/infer", r.wrap("ModelInfer", r.infer)),
         web.post("/v2/repository/index", r.wrap("RepositoryIndex", r.repository_index)),
+        web.post("/v2/repository/models/{name}/load", r.wrap("RepositoryModelLoad", r.repository_load)),
+        web.post("/v2/repository/models/{name}/unload", r.wrap("RepositoryModelUnload", r.repository_unload)),
     ])
     return app
 

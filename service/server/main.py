@@ -50,7 +50,7 @@ async def serve_until_signal(config: ServiceConfig) -> int:
         ports = await server.start()
         await server.load()
     except (ServiceError, ValueError, RuntimeError, OSError) as e:
-        logger.error("cannot serve %s: %s", config.model, e)
+        logger.error("cannot serve %s: %s", config.model or config.model_repository, e)
         await server.stop(0)
         return EXIT_BAD_SETUP
     if config.ready_file is not None:

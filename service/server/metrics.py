@@ -74,6 +74,10 @@ class ServerMetrics:
             buckets=SCORE_BUCKETS, registry=r,
         )
         self.model = Info("vaegan_model", "The served model and execution provider", registry=r)
+        self.load_failures = Counter(
+            "vaegan_model_load_failures_total", "Model versions that failed to load (bad bundle), by model",
+            ["model"], registry=r,
+        )
         self.inflight_pixels = Gauge(
             "vaegan_inflight_pixels", "Decoded pixels reserved by calls in progress (--max-inflight-pixels)",
             registry=r,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -44,10 +44,11 @@ from vaegan.protos.inference.v2 import grpc_predict_v2_pb2 as oip
 from vaegan.protos.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
 from vaegan.service.runtime import InvalidInput, ModelNotReady
-from vaegan.service.runtime.errors import NotFound
+from vaegan.service.runtime.errors import FailedPrecondition, NotFound
 from vaegan.service.runtime.scoring import ALL_COMPONENTS
 from vaegan.service.server.codec import array_to_png, array_to_tensor, decode_output
-from vaegan.service.server.servicer import LoadedModel, OutlierServicer
+from vaegan.service.server.repository import LoadedModel
+from vaegan.service.server.servicer import OutlierServicer
 
 __all__ = [
     "INPUT", "OIP_SERVICE", "OUTPUTS", "InferenceServicer", "check_inputs", "pack_bytes", "requested_outputs",
@@ -169,6 +170,14 @@ def _raw_tensor(name: str, datatype: str, value: np.ndarray | list[bytes]) -> tu
     return tensor, np.ascontiguousarray(value).tobytes()
 
 
+class RepositoryControl(Protocol):
+    """What loads and unloads models (the server, in explicit model-control mode)."""
+
+    async def load_model(self, name: str) -> None: ...
+
+    async def unload_model(self, name: str) -> None: ...
+
+
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """OIP calls onto an :class:`OutlierServicer` (which owns the model and its batcher)."""
 
@@ -176,17 +185,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self.outlier = outlier
         self.server_version = server_version
         self.serving: Callable[[], bool] = lambda: True  # the server says when it stops serving
+        self.control: RepositoryControl | None = None  # load/unload (explicit model control)
 
     def _model(self, name: str, version: str) -> LoadedModel:
-        model = self.outlier._model
-        if model is None:
-            raise ModelNotReady("the model is not loaded yet; retry shortly")
-        bundle = model.runtime.bundle
-        if name and name != bundle.name:
-            raise NotFound(f"model {name!r} is not served here (this server serves {bundle.name!r})")
-        if version and version != bundle.version:
-            raise NotFound(f"model {bundle.name!r} has no version {version!r} here (served: {bundle.version!r})")
-        return model
+        return self.outlier.models.resolve(name, version)
 
     async def ServerLive(self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
@@ -212,9 +214,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         model, outputs = await self.infer(
             request.model_name, request.model_version, _images(request), [o.name for o in request.outputs]
         )
-        response = oip.ModelInferResponse(
-            model_name=model.runtime.bundle.name, model_version=model.runtime.bundle.version, id=request.id
-        )
+        response = oip.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, datatype, value in outputs:
             tensor, raw = _raw_tensor(name, datatype, value)
             response.outputs.append(tensor)
@@ -222,28 +222,42 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryIndex(
-        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext | None
     ) -> oip.RepositoryIndexResponse:
-        """The served model (one per server until the model-repository work lands)."""
-        model = self.outlier._model
-        if model is None:
-            return oip.RepositoryIndexResponse()
-        ready = self.serving()
-        if request.ready and not ready:
-            return oip.RepositoryIndexResponse()
-        b = model.runtime.bundle
-        entry = oip.RepositoryIndexResponse.ModelIndex(
-            name=b.name, version=b.version, state="READY" if ready else "UNAVAILABLE",
-            reason="" if ready else "the server is draining or stopped serving",
-        )
-        return oip.RepositoryIndexResponse(models=[entry])
+        """Every model version the server has loaded, is loading, or failed to load (and why)."""
+        serving = self.serving()
+        rows = []
+        for name, version, state, reason in self.outlier.models.states():
+            if state == "READY" and not serving:
+                state, reason = "UNAVAILABLE", "the server is draining or stopped serving"
+            if request.ready and state != "READY":
+                continue
+            rows.append(oip.RepositoryIndexResponse.ModelIndex(name=name, version=version, state=state, reason=reason))
+        return oip.RepositoryIndexResponse(models=rows)
+
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext | None
+    ) -> oip.RepositoryModelLoadResponse:
+        await self._control().load_model(request.model_name)
+        return oip.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext | None
+    ) -> oip.RepositoryModelUnloadResponse:
+        await self._control().unload_model(request.model_name)
+        return oip.RepositoryModelUnloadResponse()
+
+    def _control(self) -> RepositoryControl:
+        if self.control is None:
+            raise FailedPrecondition("this server has no model repository (--model-repository) to load from")
+        return self.control
 
     async def infer(
         self, model_name: str, model_version: str, images: list[pb.Image], output_names: Sequence[str]
     ) -> tuple[LoadedModel, list[tuple[str, str, np.ndarray | list[bytes]]]]:
         """Score ``images`` through vaegan.v1 and build the requested outputs: (the model, and
-        (name, datatype, value) per output). Shared by OIP over gRPC and over HTTP."""
-        model = self._model(model_name, model_version)
+        (name, datatype, value) per output). Shared by OIP over gRPC and over HTTP. The version
+        is held for the whole call: a version switch in between does not fail it."""
         names = requested_outputs(output_names)
         score_request = pb.ScoreRequest(
             images=images,
@@ -254,7 +268,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 image_format=pb.IMAGE_FORMAT_RAW,
             ),
         )
-        results = (await self.outlier._score(score_request, "ModelInfer")).results
+        with self.outlier.models.use(model_name, model_version) as model:
+            results = (await self.outlier._score_with(score_request, model, "ModelInfer")).results
+        self.outlier.metrics.images.labels("ModelInfer").inc(len(images))
         builders = self._outputs(model)
         return model, [(n, builders[n].datatype, builders[n].build(results)) for n in names]
 
@@ -264,8 +280,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         s = rt.spec
         meta = oip.ModelMetadataResponse.TensorMetadata
         k = len(_components(model))
+        versions = sorted(self.outlier.models.models.get(model.name, {}), key=lambda v: (len(v), v))
         return oip.ModelMetadataResponse(
-            name=rt.bundle.name, versions=[rt.bundle.version], platform=PLATFORM,
+            name=model.name, versions=versions, platform=PLATFORM,
             inputs=[meta(name=INPUT, datatype="UINT8", shape=[-1, -1, -1, s.channels])],
             outputs=[
                 meta(name="SCORE", datatype="FP32", shape=[-1]),
@@ -279,12 +296,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
 
     def ready(self) -> bool:
-        return self.outlier._model is not None and self.serving()
+        return bool(self.outlier.models) and self.serving()
 
     def model_ready(self, name: str, version: str) -> bool:
         try:
             self._model(name, version)
-        except (ModelNotReady, NotFound):  # as Triton: not ready, rather than an error
+        except (ModelNotReady, NotFound, InvalidInput):  # as Triton: not ready, rather than an error
             return False
         return self.serving()
 

@@ -17,7 +17,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -25,15 +24,15 @@ import numpy as np
 
 from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
 from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
-from vaegan.service.runtime import InvalidInput, ModelNotReady, Runtime, ServiceError
+from vaegan.service.runtime import InvalidInput, Runtime, ServiceError
 from vaegan.service.runtime.errors import PermissionDenied
 from vaegan.service.runtime.preprocess import Prepared
 from vaegan.service.server import convert
-from vaegan.service.server.batcher import DynamicBatcher
 from vaegan.service.server.budget import InflightPixels
 from vaegan.service.server.config import ServiceConfig
 from vaegan.service.server.metrics import ServerMetrics
 from vaegan.service.server.pipeline import ScoredBatch
+from vaegan.service.server.repository import LoadedModel, ModelSet
 
 __all__ = ["SERVICE", "SERVICE_NAME", "LoadedModel", "OutlierServicer"]
 
@@ -46,14 +45,6 @@ T = TypeVar("T")
 # microseconds per image: raw uint8 tensors at model size are read on the event loop, and
 # responses without pictures are built there (the hop would cost more than the work)
 INLINE_MAX = 8
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A warm runtime and the batcher that feeds it."""
-
-    runtime: Runtime
-    batcher: DynamicBatcher[ScoredBatch]
 
 
 class OutlierServicer(pb_grpc.OutlierServiceServicer):
@@ -71,16 +62,14 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         self.limits = convert.Limits(
             config.max_images_per_request, config.max_image_pixels, config.formats, config.max_request_pixels
         )
-        self._model: LoadedModel | None = None
+        self.models = ModelSet()
 
     def attach(self, model: LoadedModel | None) -> None:
-        """Serve ``model`` from now on (None: answer UNAVAILABLE)."""
-        self._model = model
-
-    def _ready(self) -> LoadedModel:
-        if self._model is None:
-            raise ModelNotReady("the model is not loaded yet; retry shortly")
-        return self._model
+        """Serve ``model`` (added to the model set; None: serve nothing, answer UNAVAILABLE)."""
+        if model is None:
+            self.models = ModelSet()
+        else:
+            self.models.add(model)
 
     @staticmethod
     async def _in_pool(pool: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -127,29 +116,34 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
 
     async def _score(self, request: pb.ScoreRequest, method: str, seq: int | None = None) -> pb.ScoreResponse:
         try:
-            model = self._ready()
-            opts = convert.score_options(request.options)
-            if not self.config.allow_overrides and (opts.weights is not None or opts.threshold is not None):
-                raise PermissionDenied("this server does not take per-request weights or thresholds (--allow-overrides false)")
-            if opts.repaired and model.runtime.bundle.calibration is None:
-                raise InvalidInput("options.return_repaired needs a calibrated model")
-            convert.check_count(len(request.images), self.limits)
-            convert.check_ids(request.images)
-            raw = self._raw_inline(request, model.runtime, opts)
-            if raw is not None:
-                self._check_response_floor(request, model, len(raw.batch) * raw.batch.shape[1] * raw.batch.shape[2], opts)
-                response = await self._score_prepared(request, model, [], raw, opts)
-            else:
-                pixels = await self._in_pool(self.decode_pool, convert.declared_pixels, request.images, self.limits)
-                self._check_response_floor(request, model, pixels, opts)  # refused before any work
-                async with self.inflight.reserve(pixels):  # until the answer is built: originals live that long
-                    originals, prepared = await self._decoding(self._decode, request, model.runtime, opts.repaired)
-                    response = await self._score_prepared(request, model, originals, prepared, opts)
+            with self.models.use(request.model_name, request.model_version) as model:
+                response = await self._score_with(request, model, method)
         except ServiceError as e:
             if seq is None:
                 raise
             raise type(e)(f"request {seq}: {e}") from e
         self.metrics.images.labels(method).inc(len(request.images))
+        return response
+
+    async def _score_with(self, request: pb.ScoreRequest, model: LoadedModel, method: str) -> pb.ScoreResponse:
+        opts = convert.score_options(request.options)
+        if not self.config.allow_overrides and (opts.weights is not None or opts.threshold is not None):
+            raise PermissionDenied("this server does not take per-request weights or thresholds (--allow-overrides false)")
+        if opts.repaired and model.runtime.bundle.calibration is None:
+            raise InvalidInput("options.return_repaired needs a calibrated model")
+        convert.check_count(len(request.images), self.limits)
+        convert.check_ids(request.images)
+        raw = self._raw_inline(request, model.runtime, opts)
+        if raw is not None:
+            self._check_response_floor(request, model, len(raw.batch) * raw.batch.shape[1] * raw.batch.shape[2], opts)
+            response = await self._score_prepared(request, model, [], raw, opts)
+        else:
+            pixels = await self._in_pool(self.decode_pool, convert.declared_pixels, request.images, self.limits)
+            self._check_response_floor(request, model, pixels, opts)  # refused before any work
+            async with self.inflight.reserve(pixels):  # until the answer is built: originals live that long
+                originals, prepared = await self._decoding(self._decode, request, model.runtime, opts.repaired)
+                response = await self._score_prepared(request, model, originals, prepared, opts)
+        response.model_name, response.model_version = model.name, model.version
         return response
 
     def _check_response_floor(
@@ -215,7 +209,10 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
 
     # ---- Inpaint ------------------------------------------------------------------------
     async def Inpaint(self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext) -> pb.InpaintResponse:
-        model = self._ready()
+        with self.models.use(request.model_name, request.model_version) as model:
+            return await self._inpaint_with(request, model)
+
+    async def _inpaint_with(self, request: pb.InpaintRequest, model: LoadedModel) -> pb.InpaintResponse:
         convert.check_count(len(request.images), self.limits)
         convert.check_ids(request.images)
         pixels = await self._in_pool(
@@ -235,4 +232,14 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
 
     # ---- GetModelInfo -------------------------------------------------------------------
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return convert.model_info(self._ready().runtime, self.config)
+        model = self.models.resolve(request.model_name, request.model_version)
+        info = convert.model_info(model.runtime, self.config)
+        info.name, info.version = model.name, model.version
+        return info
+
+    # ---- ListModels ---------------------------------------------------------------------
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        rows = self.models.states()
+        return pb.ListModelsResponse(
+            models=[pb.ModelVersionState(name=n, version=v, state=st, reason=r) for n, v, st, r in rows]
+        )

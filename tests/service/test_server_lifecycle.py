@@ -142,8 +142,10 @@ def test_bad_environment_values_are_reported_by_argparse(capsys) -> None:
         parser.parse_args(["--model", "m"])
     assert info.value.code == 2
     assert "--port" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # --model is required without VAEGAN_MODEL
-        add_serve_arguments(argparse.ArgumentParser(), environ={}).parse_args([])
+    # neither --model nor --model-repository (nor their VAEGAN_* variables): one clear error
+    args = add_serve_arguments(argparse.ArgumentParser(), environ={}).parse_args([])
+    with pytest.raises(ValueError, match="either model .* or model_repository"):
+        config_from_args(args)
 
 
 def test_switch_interval_flag_sets_the_processs_gil_switch_interval() -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/vaegan/v1/outlier_service.proto\x12\tvaegan.v1\"F\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.vaegan.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"S\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12#\n\x06tensor\x18\x03 \x01(\x0b\x32\x11.vaegan.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"\xba\x01\n\nComponents\x12\x12\n\x05pixel\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x66\x65\x61ture\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04\x64isc\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0bpixel_local\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ndisc_local\x18\x05 \x01(\x01H\x04\x88\x01\x01\x42\x08\n\x06_pixelB\n\n\x08_featureB\x07\n\x05_discB\x0e\n\x0c_pixel_localB\r\n\x0b_disc_local\"\xfe\x01\n\x0cScoreOptions\x12\x1a\n\x12return_anomaly_map\x18\x01 \x01(\x08\x12\x1d\n\x15return_reconstruction\x18\x02 \x01(\x08\x12\x17\n\x0freturn_repaired\x18\x03 \x01(\x08\x12,\n\x0cimage_format\x18\x04 \x01(\x0e\x32\x16.vaegan.v1.ImageFormat\x12&\n\x07weights\x18\x05 \x01(\x0b\x32\x15.vaegan.v1.Components\x12\x16\n\tthreshold\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x16\x61nomaly_map_input_size\x18\x07 \x01(\x08\x42\x0c\n\n_threshold\"Z\n\x0cScoreRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.vaegan.v1.Image\x12(\n\x07options\x18\x02 \x01(\x0b\x32\x17.vaegan.v1.ScoreOptions\"B\n\x06Region\x12\x0b\n\x03top\x18\x01 \x01(\x05\x12\x0c\n\x04left\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\"\x91\x03\n\nImageScore\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\nis_outlier\x18\x03 \x01(\x08\x12\x18\n\x10tail_probability\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12)\n\ncomponents\x18\x06 \x01(\x0b\x32\x15.vaegan.v1.Components\x12%\n\x0b\x61nomaly_map\x18\x07 \x01(\x0b\x32\x10.vaegan.v1.Image\x12(\n\x0ereconstruction\x18\x08 \x01(\x0b\x32\x10.vaegan.v1.Image\x12\"\n\x08repaired\x18\t \x01(\x0b\x32\x10.vaegan.v1.Image\x12%\n\x0brepair_mask\x18\n \x01(\x0b\x32\x10.vaegan.v1.Image\x12!\n\x06region\x18\x0b \x01(\x0b\x32\x11.vaegan.v1.Region\x12\x14\n\x0cinput_height\x18\x0c \x01(\x05\x12\x13\n\x0binput_width\x18\r \x01(\x05\x12\x12\n\nconversion\x18\x0e \x01(\t\"7\n\rScoreResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.vaegan.v1.ImageScore\"\x81\x01\n\x0eInpaintRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.vaegan.v1.Image\x12\x1f\n\x05masks\x18\x02 \x03(\x0b\x32\x10.vaegan.v1.Image\x12,\n\x0cimage_format\x18\x03 \x01(\x0e\x32\x16.vaegan.v1.ImageFormat\"=\n\x0eInpaintedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x05image\x18\x02 \x01(\x0b\x32\x10.vaegan.v1.Image\"=\n\x0fInpaintResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.vaegan.v1.InpaintedImage\"\x15\n\x13GetModelInfoRequest\"M\n\nImageShape\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06resize\x18\x04 \x01(\t\"+\n\x0e\x43omponentStats\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\"\xaa\x02\n\x12\x43\x61librationSummary\x12\x12\n\ncalibrated\x18\x01 \x01(\x08\x12\t\n\x01n\x18\x02 \x01(\x03\x12\x12\n\ntarget_fpr\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12&\n\x07weights\x18\x05 \x01(\x0b\x32\x15.vaegan.v1.Components\x12\x41\n\ncomponents\x18\x06 \x03(\x0b\x32-.vaegan.v1.CalibrationSummary.ComponentsEntry\x12\x15\n\rmap_threshold\x18\x07 \x01(\x01\x1aL\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.vaegan.v1.ComponentStats:\x02\x38\x01\"\x95\x01\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x14\n\x0cmax_delay_ms\x18\x02 \x01(\x01\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\x05\x12\x18\n\x10max_image_pixels\x18\x04 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\"\x8f\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05image\x18\x03 \x01(\x0b\x32\x15.vaegan.v1.ImageShape\x12\x12\n\nlatent_dim\x18\x04 \x01(\x05\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x05 \x01(\x05\x12\x32\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x1d.vaegan.v1.CalibrationSummary\x12\x11\n\tproviders\x18\x07 \x03(\t\x12-\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x1b.vaegan.v1.BatchingSettings\x12\x1e\n\x16\x61nomaly_map_full_scale\x18\t \x01(\x01*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02*W\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_RAW\x10\x02\x32\x9a\x02\n\x0eOutlierService\x12:\n\x05Score\x12\x17.vaegan.v1.ScoreRequest\x1a\x18.vaegan.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x17.vaegan.v1.ScoreRequest\x1a\x18.vaegan.v1.ScoreResponse(\x01\x30\x01\x12@\n\x07Inpaint\x12\x19.vaegan.v1.InpaintRequest\x1a\x1a.vaegan.v1.InpaintResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.vaegan.v1.GetModelInfoRequest\x1a\x14.vaegan.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&protos/vaegan/v1/outlier_service.proto\x12\tvaegan.v1\"F\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.vaegan.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"S\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12#\n\x06tensor\x18\x03 \x01(\x0b\x32\x11.vaegan.v1.TensorH\x00\x42\x06\n\x04\x64\x61ta\"\xba\x01\n\nComponents\x12\x12\n\x05pixel\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x66\x65\x61ture\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04\x64isc\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0bpixel_local\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ndisc_local\x18\x05 \x01(\x01H\x04\x88\x01\x01\x42\x08\n\x06_pixelB\n\n\x08_featureB\x07\n\x05_discB\x0e\n\x0c_pixel_localB\r\n\x0b_disc_local\"\xfe\x01\n\x0cScoreOptions\x12\x1a\n\x12return_anomaly_map\x18\x01 \x01(\x08\x12\x1d\n\x15return_reconstruction\x18\x02 \x01(\x08\x12\x17\n\x0freturn_repaired\x18\x03 \x01(\x08\x12,\n\x0cimage_format\x18\x04 \x01(\x0e\x32\x16.vaegan.v1.ImageFormat\x12&\n\x07weights\x18\x05 \x01(\x0b\x32\x15.vaegan.v1.Components\x12\x16\n\tthreshold\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x16\x61nomaly_map_input_size\x18\x07 \x01(\x08\x42\x0c\n\n_threshold\"\x85\x01\n\x0cScoreRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.vaegan.v1.Image\x12(\n\x07options\x18\x02 \x01(\x0b\x32\x17.vaegan.v1.ScoreOptions\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"B\n\x06Region\x12\x0b\n\x03top\x18\x01 \x01(\x05\x12\x0c\n\x04left\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\"\x91\x03\n\nImageScore\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x12\n\nis_outlier\x18\x03 \x01(\x08\x12\x18\n\x10tail_probability\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12)\n\ncomponents\x18\x06 \x01(\x0b\x32\x15.vaegan.v1.Components\x12%\n\x0b\x61nomaly_map\x18\x07 \x01(\x0b\x32\x10.vaegan.v1.Image\x12(\n\x0ereconstruction\x18\x08 \x01(\x0b\x32\x10.vaegan.v1.Image\x12\"\n\x08repaired\x18\t \x01(\x0b\x32\x10.vaegan.v1.Image\x12%\n\x0brepair_mask\x18\n \x01(\x0b\x32\x10.vaegan.v1.Image\x12!\n\x06region\x18\x0b \x01(\x0b\x32\x11.vaegan.v1.Region\x12\x14\n\x0cinput_height\x18\x0c \x01(\x05\x12\x13\n\x0binput_width\x18\r \x01(\x05\x12\x12\n\nconversion\x18\x0e \x01(\t\"b\n\rScoreResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.vaegan.v1.ImageScore\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\xac\x01\n\x0eInpaintRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.vaegan.v1.Image\x12\x1f\n\x05masks\x18\x02 \x03(\x0b\x32\x10.vaegan.v1.Image\x12,\n\x0cimage_format\x18\x03 \x01(\x0e\x32\x16.vaegan.v1.ImageFormat\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"=\n\x0eInpaintedImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x05image\x18\x02 \x01(\x0b\x32\x10.vaegan.v1.Image\"=\n\x0fInpaintResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.vaegan.v1.InpaintedImage\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"Q\n\x11ModelVersionState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.vaegan.v1.ModelVersionState\"M\n\nImageShape\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06resize\x18\x04 \x01(\t\"+\n\x0e\x43omponentStats\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\"\xaa\x02\n\x12\x43\x61librationSummary\x12\x12\n\ncalibrated\x18\x01 \x01(\x08\x12\t\n\x01n\x18\x02 \x01(\x03\x12\x12\n\ntarget_fpr\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12&\n\x07weights\x18\x05 \x01(\x0b\x32\x15.vaegan.v1.Components\x12\x41\n\ncomponents\x18\x06 \x03(\x0b\x32-.vaegan.v1.CalibrationSummary.ComponentsEntry\x12\x15\n\rmap_threshold\x18\x07 \x01(\x01\x1aL\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.vaegan.v1.ComponentStats:\x02\x38\x01\"\x95\x01\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x14\n\x0cmax_delay_ms\x18\x02 \x01(\x01\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\x05\x12\x18\n\x10max_image_pixels\x18\x04 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\"\x8f\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05image\x18\x03 \x01(\x0b\x32\x15.vaegan.v1.ImageShape\x12\x12\n\nlatent_dim\x18\x04 \x01(\x05\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x05 \x01(\x05\x12\x32\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x1d.vaegan.v1.CalibrationSummary\x12\x11\n\tproviders\x18\x07 \x03(\t\x12-\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x1b.vaegan.v1.BatchingSettings\x12\x1e\n\x16\x61nomaly_map_full_scale\x18\t \x01(\x01*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02*W\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_RAW\x10\x02\x32\xe5\x02\n\x0eOutlierService\x12:\n\x05Score\x12\x17.vaegan.v1.ScoreRequest\x1a\x18.vaegan.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x17.vaegan.v1.ScoreRequest\x1a\x18.vaegan.v1.ScoreResponse(\x01\x30\x01\x12@\n\x07Inpaint\x12\x19.vaegan.v1.InpaintRequest\x1a\x1a.vaegan.v1.InpaintResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.vaegan.v1.GetModelInfoRequest\x1a\x14.vaegan.v1.ModelInfo\x12I\n\nListModels\x12\x1c.vaegan.v1.ListModelsRequest\x1a\x1d.vaegan.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALIBRATIONSUMMARY_COMPONENTSENTRY']._loaded_options = None
   _globals['_CALIBRATIONSUMMARY_COMPONENTSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2409
-  _globals['_DTYPE']._serialized_end=2475
-  _globals['_IMAGEFORMAT']._serialized_start=2477
-  _globals['_IMAGEFORMAT']._serialized_end=2564
+  _globals['_DTYPE']._serialized_start=2754
+  _globals['_DTYPE']._serialized_end=2820
+  _globals['_IMAGEFORMAT']._serialized_start=2822
+  _globals['_IMAGEFORMAT']._serialized_end=2909
   _globals['_TENSOR']._serialized_start=53
   _globals['_TENSOR']._serialized_end=123
   _globals['_IMAGE']._serialized_start=125
@@ -45,34 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPONENTS']._serialized_end=397
   _globals['_SCOREOPTIONS']._serialized_start=400
   _globals['_SCOREOPTIONS']._serialized_end=654
-  _globals['_SCOREREQUEST']._serialized_start=656
-  _globals['_SCOREREQUEST']._serialized_end=746
-  _globals['_REGION']._serialized_start=748
-  _globals['_REGION']._serialized_end=814
-  _globals['_IMAGESCORE']._serialized_start=817
-  _globals['_IMAGESCORE']._serialized_end=1218
-  _globals['_SCORERESPONSE']._serialized_start=1220
-  _globals['_SCORERESPONSE']._serialized_end=1275
-  _globals['_INPAINTREQUEST']._serialized_start=1278
-  _globals['_INPAINTREQUEST']._serialized_end=1407
-  _globals['_INPAINTEDIMAGE']._serialized_start=1409
-  _globals['_INPAINTEDIMAGE']._serialized_end=1470
-  _globals['_INPAINTRESPONSE']._serialized_start=1472
-  _globals['_INPAINTRESPONSE']._serialized_end=1533
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1535
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1556
-  _globals['_IMAGESHAPE']._serialized_start=1558
-  _globals['_IMAGESHAPE']._serialized_end=1635
-  _globals['_COMPONENTSTATS']._serialized_start=1637
-  _globals['_COMPONENTSTATS']._serialized_end=1680
-  _globals['_CALIBRATIONSUMMARY']._serialized_start=1683
-  _globals['_CALIBRATIONSUMMARY']._serialized_end=1981
-  _globals['_CALIBRATIONSUMMARY_COMPONENTSENTRY']._serialized_start=1905
-  _globals['_CALIBRATIONSUMMARY_COMPONENTSENTRY']._serialized_end=1981
-  _globals['_BATCHINGSETTINGS']._serialized_start=1984
-  _globals['_BATCHINGSETTINGS']._serialized_end=2133
-  _globals['_MODELINFO']._serialized_start=2136
-  _globals['_MODELINFO']._serialized_end=2407
-  _globals['_OUTLIERSERVICE']._serialized_start=2567
-  _globals['_OUTLIERSERVICE']._serialized_end=2849
+  _globals['_SCOREREQUEST']._serialized_start=657
+  _globals['_SCOREREQUEST']._serialized_end=790
+  _globals['_REGION']._serialized_start=792
+  _globals['_REGION']._serialized_end=858
+  _globals['_IMAGESCORE']._serialized_start=861
+  _globals['_IMAGESCORE']._serialized_end=1262
+  _globals['_SCORERESPONSE']._serialized_start=1264
+  _globals['_SCORERESPONSE']._serialized_end=1362
+  _globals['_INPAINTREQUEST']._serialized_start=1365
+  _globals['_INPAINTREQUEST']._serialized_end=1537
+  _globals['_INPAINTEDIMAGE']._serialized_start=1539
+  _globals['_INPAINTEDIMAGE']._serialized_end=1600
+  _globals['_INPAINTRESPONSE']._serialized_start=1602
+  _globals['_INPAINTRESPONSE']._serialized_end=1663
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1665
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1729
+  _globals['_LISTMODELSREQUEST']._serialized_start=1731
+  _globals['_LISTMODELSREQUEST']._serialized_end=1750
+  _globals['_MODELVERSIONSTATE']._serialized_start=1752
+  _globals['_MODELVERSIONSTATE']._serialized_end=1833
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1835
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1901
+  _globals['_IMAGESHAPE']._serialized_start=1903
+  _globals['_IMAGESHAPE']._serialized_end=1980
+  _globals['_COMPONENTSTATS']._serialized_start=1982
+  _globals['_COMPONENTSTATS']._serialized_end=2025
+  _globals['_CALIBRATIONSUMMARY']._serialized_start=2028
+  _globals['_CALIBRATIONSUMMARY']._serialized_end=2326
+  _globals['_CALIBRATIONSUMMARY_COMPONENTSENTRY']._serialized_start=2250
+  _globals['_CALIBRATIONSUMMARY_COMPONENTSENTRY']._serialized_end=2326
+  _globals['_BATCHINGSETTINGS']._serialized_start=2329
+  _globals['_BATCHINGSETTINGS']._serialized_end=2478
+  _globals['_MODELINFO']._serialized_start=2481
+  _globals['_MODELINFO']._serialized_end=2752
+  _globals['_OUTLIERSERVICE']._serialized_start=2912
+  _globals['_OUTLIERSERVICE']._serialized_end=3269
 # @@protoc_insertion_point(module_scope)

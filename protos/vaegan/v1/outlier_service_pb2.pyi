@@ -78,12 +78,16 @@ class ScoreOptions(_message.Message):
     def __init__(self, return_anomaly_map: _Optional[bool] = ..., return_reconstruction: _Optional[bool] = ..., return_repaired: _Optional[bool] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., weights: _Optional[_Union[Components, _Mapping]] = ..., threshold: _Optional[float] = ..., anomaly_map_input_size: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("images", "options")
+    __slots__ = ("images", "options", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     options: ScoreOptions
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Region(_message.Message):
     __slots__ = ("top", "left", "height", "width")
@@ -130,20 +134,28 @@ class ImageScore(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_outlier: _Optional[bool] = ..., tail_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., anomaly_map: _Optional[_Union[Image, _Mapping]] = ..., reconstruction: _Optional[_Union[Image, _Mapping]] = ..., repaired: _Optional[_Union[Image, _Mapping]] = ..., repair_mask: _Optional[_Union[Image, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., conversion: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "model_name", "model_version")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ImageScore]
-    def __init__(self, results: _Optional[_Iterable[_Union[ImageScore, _Mapping]]] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[ImageScore, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class InpaintRequest(_message.Message):
-    __slots__ = ("images", "masks", "image_format")
+    __slots__ = ("images", "masks", "image_format", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     masks: _containers.RepeatedCompositeFieldContainer[Image]
     image_format: ImageFormat
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    model_name: str
+    model_version: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class InpaintedImage(_message.Message):
     __slots__ = ("id", "image")
@@ -160,8 +172,34 @@ class InpaintResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[InpaintedImage, _Mapping]]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ModelVersionState(_message.Message):
+    __slots__ = ("name", "version", "state", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    state: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelVersionState]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelVersionState, _Mapping]]] = ...) -> None: ...
 
 class ImageShape(_message.Message):
     __slots__ = ("channels", "height", "width", "resize")

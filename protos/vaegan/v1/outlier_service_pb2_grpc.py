@@ -56,6 +56,11 @@ class OutlierServiceStub:
                 request_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/vaegan.v1.OutlierService/ListModels',
+                request_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class OutlierServiceServicer:
@@ -92,6 +97,13 @@ class OutlierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model and version the server has, loaded or not (with the reason a version failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutlierServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +126,11 @@ def add_OutlierServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +243,33 @@ class OutlierService:
             '/vaegan.v1.OutlierService/GetModelInfo',
             protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vaegan.v1.OutlierService/ListModels',
+            protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
