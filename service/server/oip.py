@@ -296,7 +296,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
 
     def ready(self) -> bool:
-        return bool(self.outlier.models) and self.serving()
+        # explicit model control: ready with no model loaded yet (models come through the API)
+        return (bool(self.outlier.models) or self.control is not None) and self.serving()
 
     def model_ready(self, name: str, version: str) -> bool:
         try:
