@@ -209,7 +209,7 @@ class OutlierServer:
             runner, pool, concat=concat_scored, finish=runner.score,
             finish_executor=self._respond_pool, max_batch_size=cfg.max_batch_size,
             max_delay_s=cfg.max_delay_ms / 1e3, instances=cfg.model_instances, metrics=self.metrics,
-            on_death=self._batcher_died,
+            on_death=self._batcher_died, labels=(name, version),
         )
         batcher.start()
         model = LoadedModel(rt, batcher, name, version)

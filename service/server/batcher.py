@@ -79,6 +79,7 @@ class DynamicBatcher(Generic[Out]):
         instances: int = 1,
         metrics: ServerMetrics | None = None,
         on_death: Callable[[BaseException], None] | None = None,
+        labels: tuple[str, str] = ("", ""),
     ) -> None:
         if max_batch_size < 1 or instances < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and instances must be >= 1, max_delay_s >= 0")
@@ -92,6 +93,7 @@ class DynamicBatcher(Generic[Out]):
         self.instances = instances
         self.metrics = metrics
         self.on_death = on_death  # called on the event loop if a worker thread dies
+        self.labels = labels  # (model name, version) of the metrics
         self._cond = threading.Condition()  # guards the queue and the flags below
         self._queue: collections.deque[_Item[Out]] = collections.deque()
         self._queued_images = 0
@@ -224,8 +226,8 @@ class DynamicBatcher(Generic[Out]):
         out = self.run(x, timings)
         if self.metrics is not None:
             for it in batch:
-                self.metrics.queue_wait.observe(started - it.enqueued)
-            self.metrics.observe_batch(len(x), timings)
+                self.metrics.queue_wait.labels(*self.labels).observe(started - it.enqueued)
+            self.metrics.observe_batch(len(x), timings, self.labels)
         logger.debug("ran a batch of %d from %d requests in %.1f ms", len(x), len(batch),
                      (time.monotonic() - started) * 1e3)
         if self.finish is not None and self.finish_executor is not None:

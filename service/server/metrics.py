@@ -49,29 +49,31 @@ class ServerMetrics:
         self.in_flight = Gauge(
             "vaegan_requests_in_flight", "RPCs being served now", ["method"], registry=r
         )
+        # series about the work of one model carry its name and version (a repository serves several)
+        per_model = ["model", "version"]
         self.images = Counter(
-            "vaegan_images_total", "Images processed successfully, by method", ["method"],
-            registry=r,
+            "vaegan_images_total", "Images processed successfully, by method, model and version",
+            ["method", *per_model], registry=r,
         )
         self.batch_size = Histogram(
             "vaegan_batch_size", "Images per merged model run (the dynamic batcher's batches)",
-            buckets=BATCH_BUCKETS, registry=r,
+            per_model, buckets=BATCH_BUCKETS, registry=r,
         )
         self.queue_wait = Histogram(
             "vaegan_queue_wait_seconds", "Time images wait in the batcher before their run starts",
-            buckets=LATENCY_BUCKETS, registry=r,
+            per_model, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.inference = Histogram(
             "vaegan_inference_seconds",
             "ONNX Runtime time per merged batch, by graph (forward = all three graphs)",
-            ["graph"], buckets=LATENCY_BUCKETS, registry=r,
+            ["graph", *per_model], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.outliers = Counter(
-            "vaegan_outliers_total", "Images scored above their decision threshold", registry=r
+            "vaegan_outliers_total", "Images scored above their decision threshold", per_model, registry=r
         )
         self.scores = Histogram(
             "vaegan_outlier_score", "Distribution of outlier scores (drift shows here first)",
-            buckets=SCORE_BUCKETS, registry=r,
+            per_model, buckets=SCORE_BUCKETS, registry=r,
         )
         self.model = Info("vaegan_model", "The served model and execution provider", registry=r)
         self.load_failures = Counter(
@@ -89,11 +91,12 @@ class ServerMetrics:
     def set_model(self, name: str, version: str, provider: str) -> None:
         self.model.info({"name": name, "version": version, "provider": provider})
 
-    def observe_batch(self, n_images: int, timings: dict[str, float]) -> None:
-        """One merged run of ``n_images``; ``timings``: seconds by graph (and ``forward``)."""
-        self.batch_size.observe(n_images)
+    def observe_batch(self, n_images: int, timings: dict[str, float], model: tuple[str, str] = ("", "")) -> None:
+        """One merged run of ``n_images`` of ``model`` (name, version); ``timings``: seconds by
+        graph (and ``forward``)."""
+        self.batch_size.labels(*model).observe(n_images)
         for graph, seconds in timings.items():
-            self.inference.labels(graph).observe(seconds)
+            self.inference.labels(graph, *model).observe(seconds)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -270,7 +270,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         )
         with self.outlier.models.use(model_name, model_version) as model:
             results = (await self.outlier._score_with(score_request, model, "ModelInfer")).results
-        self.outlier.metrics.images.labels("ModelInfer").inc(len(images))
+        self.outlier.metrics.images.labels("ModelInfer", model.name, model.version).inc(len(images))
         builders = self._outputs(model)
         return model, [(n, builders[n].datatype, builders[n].build(results)) for n in names]
 

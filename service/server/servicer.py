@@ -122,7 +122,7 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             if seq is None:
                 raise
             raise type(e)(f"request {seq}: {e}") from e
-        self.metrics.images.labels(method).inc(len(request.images))
+        self.metrics.images.labels(method, model.name, model.version).inc(len(request.images))
         return response
 
     async def _score_with(self, request: pb.ScoreRequest, model: LoadedModel, method: str) -> pb.ScoreResponse:
@@ -158,9 +158,9 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
     ) -> pb.ScoreResponse:
         scored = await model.batcher.infer(prepared.batch)
         if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_MAX:
-            return self._respond(request, model.runtime, scored, originals, prepared, opts)  # cheap
+            return self._respond(request, model, scored, originals, prepared, opts)  # cheap
         return await self._in_pool(
-            self.respond_pool, self._respond, request, model.runtime, scored, originals, prepared, opts
+            self.respond_pool, self._respond, request, model, scored, originals, prepared, opts
         )
 
     def _raw_inline(self, request: pb.ScoreRequest, rt: Runtime, opts: convert.ScoreOptions) -> Prepared | None:
@@ -187,20 +187,22 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
     def _respond(
         self,
         request: pb.ScoreRequest,
-        rt: Runtime,
+        model: LoadedModel,
         scored: ScoredBatch,
         originals: list[np.ndarray],
         prepared: Prepared,
         opts: convert.ScoreOptions,
     ) -> pb.ScoreResponse:
+        rt = model.runtime
         res = scored.result
         if res is None or not opts.default_scoring:
             res = rt.score_forward(scored.fwd, opts.weights, opts.threshold, opts.reconstruction)
         res = res.with_inputs(rt.spec, prepared.sizes, prepared.conversions)
         repaired = rt.repair(originals) if opts.repaired else None
-        self.metrics.outliers.inc(int(np.count_nonzero(res.is_outlier)))
+        self.metrics.outliers.labels(model.name, model.version).inc(int(np.count_nonzero(res.is_outlier)))
+        scores = self.metrics.scores.labels(model.name, model.version)
         for s in res.score:
-            self.metrics.scores.observe(float(s))
+            scores.observe(float(s))
         ids = [img.id for img in request.images]
         response = convert.score_response(ids, res, opts, rt.spec, repaired, rt.bundle.calibration)
         if opts.pictures:  # PNG sizes are known only now: a clear refusal, not gRPC's send error
@@ -220,7 +222,7 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         )
         async with self.inflight.reserve(pixels):
             response = await self._in_pool(self.decode_pool, self._inpaint, request, model.runtime)
-        self.metrics.images.labels("Inpaint").inc(len(request.images))
+        self.metrics.images.labels("Inpaint", model.name, model.version).inc(len(request.images))
         return response
 
     def _inpaint(self, request: pb.InpaintRequest, rt: Runtime) -> pb.InpaintResponse:

@@ -94,6 +94,15 @@ def test_two_models_each_with_its_own_batcher(tmp_path: Path, tiny_bundle: Path)
         health = health_pb2_grpc.HealthStub(ch)
         assert health.Check(health_pb2.HealthCheckRequest(service="a"), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
     with ServerThread(_config(tmp_path, version_policy="all")) as srv, grpc.insecure_channel(srv.target) as ch:
+        # the series about a model's work carry its name and version
+        from prometheus_client import generate_latest
+
+        pb_grpc.OutlierServiceStub(ch).Score(_request("b"), timeout=30)
+        scrape = generate_latest(srv.server.metrics.registry).decode()
+        assert 'vaegan_images_total{method="Score",model="b",version="1"} 1.0' in scrape
+        assert 'vaegan_batch_size_count{model="b",version="1"} 1.0' in scrape
+        assert 'vaegan_outlier_score_count{model="b",version="1"} 1.0' in scrape
+        assert 'model="a"' not in scrape.split("vaegan_images_total")[1].split("# HELP")[0]  # a served nothing
         stub = pb_grpc.OutlierServiceStub(ch)
         assert [(n, v) for n, v, _ in _states(stub)] == [("a", "1"), ("a", "2"), ("b", "1")]
         assert stub.Score(_request("a", "1"), timeout=30).model_version == "1"

@@ -88,13 +88,14 @@ def test_counters_move(server: ServerThread, runtime: Runtime) -> None:
     assert delta("vaegan_requests_total", method="Score", code="OK") == 2
     assert delta("vaegan_requests_total", method="Score", code="INVALID_ARGUMENT") == 1
     assert delta("vaegan_request_duration_seconds_count", method="Score") == 3
-    assert delta("vaegan_images_total", method="Score") == 8
-    assert delta("vaegan_batch_size_sum") == 8
-    assert delta("vaegan_queue_wait_seconds_count") >= 2
+    m = {"model": runtime.bundle.name, "version": runtime.bundle.version}  # the model's own series
+    assert delta("vaegan_images_total", method="Score", **m) == 8
+    assert delta("vaegan_batch_size_sum", **m) == 8
+    assert delta("vaegan_queue_wait_seconds_count", **m) >= 2
     for graph in ("forward", "pipeline"):  # the composed E -> G -> D graph: one call per batch
-        assert delta("vaegan_inference_seconds_count", graph=graph) >= 2
-    assert delta("vaegan_outlier_score_count") == 8
-    assert delta("vaegan_outliers_total") >= 0
+        assert delta("vaegan_inference_seconds_count", graph=graph, **m) >= 2
+    assert delta("vaegan_outlier_score_count", **m) == 8
+    assert delta("vaegan_outliers_total", **m) >= 0
     assert value(after, "vaegan_requests_in_flight", method="Score") == 0
     info = {k: v for k, v in samples(after).items() if k[0] == "vaegan_model_info"}
     assert len(info) == 1
@@ -153,4 +154,5 @@ def test_each_server_has_its_own_registry(
     with ServerThread(cfg, runtime) as other:
         assert other.metrics_port != server.metrics_port
         score(other, 2)
-        assert value(scrape(other), "vaegan_images_total", method="Score") == 2
+        m = {"model": runtime.bundle.name, "version": runtime.bundle.version}
+        assert value(scrape(other), "vaegan_images_total", method="Score", **m) == 2
