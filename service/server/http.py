@@ -43,6 +43,7 @@ from vaegan.service.server.logs import new_request_id
 from vaegan.service.server.metrics import ServerMetrics
 from vaegan.service.server.oip import (
     INPUT,
+    MASKS,
     InferenceServicer,
     check_inputs,
     pack_bytes,
@@ -92,33 +93,45 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
     return doc, binary
 
 
-def _images(doc: dict[str, Any], binary: bytes) -> list[Any]:
+def _inputs(doc: dict[str, Any], binary: bytes) -> tuple[list[Any], list[Any] | None]:
+    """(IMAGES, MASKS or None) of an infer request; binary tensors take their
+    ``binary_data_size`` bytes of ``binary`` in input order."""
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise InvalidInput("inputs: expected a list of tensors")
     check_inputs([str(t.get("name")) for t in inputs])
-    t = inputs[0]
-    where = f"input '{INPUT}'"
-    shape = t.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
-        raise InvalidInput(f"{where}: shape must be a list of integers")
-    params = t.get("parameters") or {}
-    size = params.get("binary_data_size") if isinstance(params, dict) else None
-    if size is not None:
-        if not isinstance(size, int) or size < 0:
-            raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
-        if size != len(binary):
-            raise InvalidInput(f"{where}: binary_data_size is {size}, but {len(binary)} bytes follow the JSON")
-        return tensor_images(str(t.get("datatype")), shape, binary)
-    data = t.get("data")
-    if str(t.get("datatype")) == "BYTES":
-        raise InvalidInput(f"{where}: send encoded images as binary data (the binary data extension)")
-    if not isinstance(data, list):
-        raise InvalidInput(f"{where}: no data (a flat or nested list of values, or binary data)")
-    flat = np.asarray(data, dtype=object).ravel()
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
-        raise InvalidInput(f"{where}: UINT8 data must be integers")
-    return tensor_images(str(t.get("datatype")), shape, None, values=[int(v) for v in flat])
+    got: dict[str, list[Any]] = {}
+    offset = 0
+    for t in inputs:
+        name = str(t["name"])
+        where = f"input '{name}'"
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
+            raise InvalidInput(f"{where}: shape must be a list of integers")
+        params = t.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"{where}: binary_data_size is {size}, but {len(binary) - offset} bytes follow the JSON"
+                )
+            got[name] = tensor_images(str(t.get("datatype")), shape, binary[offset : offset + size], name=name)
+            offset += size
+            continue
+        if str(t.get("datatype")) == "BYTES":
+            raise InvalidInput(f"{where}: send encoded images as binary data (the binary data extension)")
+        data = t.get("data")
+        if not isinstance(data, list):
+            raise InvalidInput(f"{where}: no data (a flat or nested list of values, or binary data)")
+        flat = np.asarray(data, dtype=object).ravel()
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+            raise InvalidInput(f"{where}: UINT8 data must be integers")
+        got[name] = tensor_images(str(t.get("datatype")), shape, None, values=[int(v) for v in flat], name=name)
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the JSON that no input claims")
+    return got[INPUT], got.get(MASKS)
 
 
 def _wants_binary(doc: dict[str, Any]) -> tuple[list[str], set[str]]:
@@ -218,9 +231,9 @@ class _Routes:
         self.inference._model(request.match_info["name"], request.match_info.get("version", ""))  # 404 first
         doc, binary = _parse_body(await request.read(), request.headers.get(HEADER_LENGTH))
         names, as_binary = _wants_binary(doc)
-        images = _images(doc, binary)
+        images, masks = _inputs(doc, binary)
         model, outputs = await self.inference.infer(
-            request.match_info["name"], request.match_info.get("version", ""), images, names
+            request.match_info["name"], request.match_info.get("version", ""), images, names, masks
         )
         described, chunks = [], []
         for name, datatype, value in outputs:

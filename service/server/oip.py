@@ -24,6 +24,10 @@ COMPONENTS          FP32     [N, K]            raw components, in the order of t
 ANOMALY_MAP         FP32     [N, H, W]         at the model's size (H, W of the model)
 RECONSTRUCTION      UINT8    [N, H, W, C]      G(mu(x)) at the model's size
 REPAIRED            BYTES    [N]               each image repaired, PNG at its input size
+INPAINTED           BYTES    [N]               with the optional input MASKS ([N, H, W] UINT8,
+                                               non-zero = fill, or BYTES of mask files): each
+                                               image inpainted there, PNG at its input size
+                                               (a default output when MASKS is sent)
 =================== ======== ================= ==========================================
 
 Outputs are returned in ``raw_output_contents`` (as Triton does; tritonclient reads them).
@@ -57,8 +61,10 @@ __all__ = [
 
 OIP_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 INPUT = "IMAGES"
+MASKS = "MASKS"  # optional: the pixels to inpaint, one mask per image
 DEFAULT_OUTPUTS = ("SCORE", "IS_OUTLIER", "TAIL_PROBABILITY", "COMPONENTS")
-OUTPUTS = (*DEFAULT_OUTPUTS, "ANOMALY_MAP", "RECONSTRUCTION", "REPAIRED")
+SCORE_OUTPUTS = (*DEFAULT_OUTPUTS, "ANOMALY_MAP", "RECONSTRUCTION", "REPAIRED")
+OUTPUTS = (*SCORE_OUTPUTS, "INPAINTED")
 PLATFORM = "vaegan"
 # calls that say whether the server is up: open like gRPC health (probes carry no token)
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
@@ -87,31 +93,36 @@ def unpack_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
     return out
 
 
-def _images(request: oip.ModelInferRequest) -> list[pb.Image]:
-    """The request's IMAGES tensor as vaegan.v1 Images (raw uint8 tensors or encoded files)."""
+def _inputs(request: oip.ModelInferRequest) -> tuple[list[pb.Image], list[pb.Image] | None]:
+    """The request's IMAGES (and MASKS, if sent) as vaegan.v1 Images."""
     names = [t.name for t in request.inputs]
     check_inputs(names)
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents: {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs"
         )
-    t = request.inputs[0]
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
-    return tensor_images(t.datatype, list(t.shape), raw, t.contents.uint_contents, t.contents.bytes_contents)
+    got: dict[str, list[pb.Image]] = {}
+    for i, t in enumerate(request.inputs):
+        raw = request.raw_input_contents[i] if request.raw_input_contents else None
+        got[t.name] = tensor_images(t.datatype, list(t.shape), raw, t.contents.uint_contents, t.contents.bytes_contents, t.name)
+    return got[INPUT], got.get(MASKS)
 
 
 def check_inputs(names: Sequence[str]) -> None:
-    if list(names) != [INPUT]:
-        raise InvalidInput(f"inputs: expected exactly one input named '{INPUT}', got {list(names) or 'none'}")
+    if sorted(names) not in ([INPUT], sorted([INPUT, MASKS])):
+        raise InvalidInput(
+            f"inputs: expected '{INPUT}' and optionally '{MASKS}', got {list(names) or 'none'}"
+        )
 
 
 def tensor_images(
-    datatype: str, shape: Sequence[int], raw: bytes | None, values: Sequence[int] = (), items: Sequence[bytes] = ()
+    datatype: str, shape: Sequence[int], raw: bytes | None, values: Sequence[int] = (), items: Sequence[bytes] = (),
+    name: str = INPUT,
 ) -> list[pb.Image]:
-    """The IMAGES tensor, from its raw bytes or typed ``values`` (UINT8) / ``items`` (BYTES),
-    as vaegan.v1 Images: the one reader for gRPC and HTTP requests."""
+    """The IMAGES (or MASKS) tensor, from its raw bytes or typed ``values`` (UINT8) / ``items``
+    (BYTES), as vaegan.v1 Images: the one reader for gRPC and HTTP requests."""
     shape = [int(s) for s in shape]
-    where = f"input '{INPUT}'"
+    where = f"input '{name}'"
     if any(s < 0 for s in shape):
         raise InvalidInput(f"{where}: negative dimension in shape {shape}")
     if datatype == "BYTES":
@@ -120,7 +131,7 @@ def tensor_images(
         files = unpack_bytes(raw, shape[0], where) if raw is not None else list(items)
         if len(files) != shape[0]:
             raise InvalidInput(f"{where}: shape {shape} but {len(files)} elements in contents")
-        return [pb.Image(encoded=f) for f in files]  # errors name "image <index>"
+        return [pb.Image(encoded=f) for f in files]  # errors name "image <index>" / "mask <index>"
     if datatype == "UINT8":
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
             raise InvalidInput(f"{where}: a UINT8 tensor has shape [N, H, W] or [N, H, W, C] with C 1 or 3, got {shape}")
@@ -140,9 +151,9 @@ def tensor_images(
     raise InvalidInput(f"{where}: datatype must be UINT8 (pixels) or BYTES (encoded files), got {datatype!r}")
 
 
-def requested_outputs(names: Sequence[str]) -> list[str]:
-    """The outputs to compute: those named, or the defaults."""
-    names = list(names) or list(DEFAULT_OUTPUTS)
+def requested_outputs(names: Sequence[str], with_masks: bool = False) -> list[str]:
+    """The outputs to compute: those named, or the defaults (and INPAINTED when masks came)."""
+    names = list(names) or [*DEFAULT_OUTPUTS, *(["INPAINTED"] if with_masks else [])]
     unknown = [n for n in names if n not in OUTPUTS]
     if unknown:
         raise InvalidInput(f"outputs: unknown output {unknown[0]!r} (this model has {', '.join(OUTPUTS)})")
@@ -211,8 +222,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
         self._model(request.model_name, request.model_version)  # an unknown model first, as Triton
+        images, masks = _inputs(request)
         model, outputs = await self.infer(
-            request.model_name, request.model_version, _images(request), [o.name for o in request.outputs]
+            request.model_name, request.model_version, images, [o.name for o in request.outputs], masks
         )
         response = oip.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, datatype, value in outputs:
@@ -253,26 +265,46 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return self.control
 
     async def infer(
-        self, model_name: str, model_version: str, images: list[pb.Image], output_names: Sequence[str]
+        self, model_name: str, model_version: str, images: list[pb.Image], output_names: Sequence[str],
+        masks: list[pb.Image] | None = None,
     ) -> tuple[LoadedModel, list[tuple[str, str, np.ndarray | list[bytes]]]]:
-        """Score ``images`` through vaegan.v1 and build the requested outputs: (the model, and
-        (name, datatype, value) per output). Shared by OIP over gRPC and over HTTP. The version
-        is held for the whole call: a version switch in between does not fail it."""
-        names = requested_outputs(output_names)
-        score_request = pb.ScoreRequest(
-            images=images,
-            options=pb.ScoreOptions(
-                return_anomaly_map="ANOMALY_MAP" in names,
-                return_reconstruction="RECONSTRUCTION" in names,
-                return_repaired="REPAIRED" in names,
-                image_format=pb.IMAGE_FORMAT_RAW,
-            ),
-        )
+        """Score ``images`` through vaegan.v1 (and inpaint them where ``masks`` say) and build the
+        requested outputs: (the model, and (name, datatype, value) per output). Shared by OIP
+        over gRPC and over HTTP. The version is held for the whole call: a version switch in
+        between does not fail it."""
+        names = requested_outputs(output_names, with_masks=masks is not None)
+        if "INPAINTED" in names and masks is None:
+            raise InvalidInput(f"output 'INPAINTED' needs the input '{MASKS}' (one mask per image)")
+        outputs: list[tuple[str, str, np.ndarray | list[bytes]]] = []
         with self.outlier.models.use(model_name, model_version) as model:
-            results = (await self.outlier._score_with(score_request, model, "ModelInfer")).results
+            score_names = [n for n in names if n in SCORE_OUTPUTS]
+            results: Sequence[pb.ImageScore] = ()
+            if score_names:
+                score_request = pb.ScoreRequest(
+                    images=images,
+                    options=pb.ScoreOptions(
+                        return_anomaly_map="ANOMALY_MAP" in names,
+                        return_reconstruction="RECONSTRUCTION" in names,
+                        return_repaired="REPAIRED" in names,
+                        image_format=pb.IMAGE_FORMAT_RAW,
+                    ),
+                )
+                results = (await self.outlier._score_with(score_request, model, "ModelInfer")).results
+            inpainted: list[bytes] = []
+            if "INPAINTED" in names:
+                assert masks is not None
+                filled = await self.outlier._inpaint_with(
+                    pb.InpaintRequest(images=images, masks=masks, image_format=pb.IMAGE_FORMAT_PNG), model
+                )
+                inpainted = [r.image.encoded for r in filled.results]
         self.outlier.metrics.images.labels("ModelInfer", model.name, model.version).inc(len(images))
         builders = self._outputs(model)
-        return model, [(n, builders[n].datatype, builders[n].build(results)) for n in names]
+        for n in names:
+            if n == "INPAINTED":
+                outputs.append((n, "BYTES", inpainted))
+            else:
+                outputs.append((n, builders[n].datatype, builders[n].build(results)))
+        return model, outputs
 
     def metadata(self, name: str, version: str) -> oip.ModelMetadataResponse:
         model = self._model(name, version)
@@ -283,7 +315,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         versions = sorted(self.outlier.models.models.get(model.name, {}), key=lambda v: (len(v), v))
         return oip.ModelMetadataResponse(
             name=model.name, versions=versions, platform=PLATFORM,
-            inputs=[meta(name=INPUT, datatype="UINT8", shape=[-1, -1, -1, s.channels])],
+            inputs=[
+                meta(name=INPUT, datatype="UINT8", shape=[-1, -1, -1, s.channels]),
+                meta(name=MASKS, datatype="UINT8", shape=[-1, -1, -1]),  # optional
+            ],
             outputs=[
                 meta(name="SCORE", datatype="FP32", shape=[-1]),
                 meta(name="IS_OUTLIER", datatype="BOOL", shape=[-1]),
@@ -292,6 +327,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 meta(name="ANOMALY_MAP", datatype="FP32", shape=[-1, s.height, s.width]),
                 meta(name="RECONSTRUCTION", datatype="UINT8", shape=[-1, s.height, s.width, s.channels]),
                 meta(name="REPAIRED", datatype="BYTES", shape=[-1]),
+                meta(name="INPAINTED", datatype="BYTES", shape=[-1]),
             ],
         )
 

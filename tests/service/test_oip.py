@@ -90,7 +90,7 @@ def test_health_and_metadata(seen: dict, server: dict) -> None:
     assert seen["server_metadata"]["name"] == "vaegan"
     meta = seen["model_metadata"]
     assert meta["name"] == server["name"] and meta["versions"] == [server["version"]]
-    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("IMAGES", "UINT8")]
+    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("IMAGES", "UINT8"), ("MASKS", "UINT8")]
     outputs = {o["name"]: (o["datatype"], [int(s) for s in o["shape"]]) for o in meta["outputs"]}
     assert outputs["SCORE"] == ("FP32", [-1]) and outputs["IS_OUTLIER"] == ("BOOL", [-1])
     assert outputs["COMPONENTS"] == ("FP32", [-1, 5])  # pixel, feature, disc, pixel_local, disc_local
@@ -131,7 +131,9 @@ def test_grey_input_and_default_outputs(seen: dict, server: dict, images: np.nda
     ("case", "status", "message"),
     [
         ("fp32", "INVALID_ARGUMENT", "input 'IMAGES': datatype must be UINT8"),
-        ("wrong_name", "INVALID_ARGUMENT", "exactly one input named 'IMAGES', got ['PIXELS']"),
+        ("wrong_name", "INVALID_ARGUMENT", "expected 'IMAGES' and optionally 'MASKS', got ['PIXELS']"),
+        ("inpainted_without_masks", "INVALID_ARGUMENT", "output 'INPAINTED' needs the input 'MASKS'"),
+        ("mask_size", "INVALID_ARGUMENT", "mask 0: mask is 8x8 but its image is 40x52"),
         ("five_channels", "INVALID_ARGUMENT", "C 1 or 3, got [1, 4, 4, 5]"),
         ("not_an_image", "INVALID_ARGUMENT", "image 0: cannot decode image bytes"),
         ("unknown_model", "NOT_FOUND", "model 'other' is not served here"),
@@ -233,7 +235,7 @@ def test_http_json_infer_and_errors_name_the_tensor(server: dict) -> None:
         (json.dumps({"inputs": [{"name": "IMAGES", "datatype": "UINT8", "shape": [1, 2, 2],
                                  "parameters": {"binary_data_size": 4}}]}).encode() + b"\0\0",
          "bin", 400, "binary_data_size is 4, but 2 bytes follow"),
-        (json.dumps({"inputs": []}).encode(), None, 400, "exactly one input named 'IMAGES'"),
+        (json.dumps({"inputs": []}).encode(), None, 400, "expected 'IMAGES' and optionally 'MASKS'"),
     ]
     for payload, kind, code, message in cases:
         headers = {}
@@ -268,3 +270,21 @@ def test_http_needs_the_token_except_for_health(tiny_bundle: Path, tmp_path: Pat
         assert _http(server, "POST", f"/v2/models/{name}/infer", body, {"Authorization": "Bearer nope"})[0] == 401
         assert _http(server, "POST", f"/v2/models/{name}/infer", body, {"Authorization": "Bearer tok"})[0] == 200
         assert _http(server, "GET", f"/v2/models/{name}")[0] == 401
+
+
+def test_masks_inpaint_over_grpc_and_http_as_vaegan_v1_inpaint(seen: dict, server: dict, images: np.ndarray) -> None:
+    """MASKS (UINT8 [N, H, W]) with the INPAINTED output: the vaegan.v1 Inpaint answer, known
+    pixels unchanged, over both protocols."""
+    masks = np.zeros(images.shape[:3], np.uint8)
+    masks[:, 10:20, 15:30] = 1
+    req = pb.InpaintRequest(images=[pb.Image(tensor=array_to_tensor(a)) for a in images],
+                            masks=[pb.Image(tensor=array_to_tensor(m)) for m in masks])
+    with grpc.insecure_channel(server["url"]) as ch:
+        ref = [decode_output(r.image) for r in pb_grpc.OutlierServiceStub(ch).Inpaint(req, timeout=60).results]
+    for key in ("inpainted", "http_inpainted"):
+        got = [np.asarray(x, np.uint8) for x in seen[key]]
+        assert len(got) == 3
+        for g, r, img, m in zip(got, ref, images, masks, strict=True):
+            assert np.array_equal(g, r)
+            assert np.array_equal(g[m == 0], img[m == 0])  # known pixels unchanged
+    assert seen["inpaint_outputs"] == ["SCORE", "IS_OUTLIER", "TAIL_PROBABILITY", "COMPONENTS", "INPAINTED"]

@@ -61,6 +61,14 @@ def http_checks(url: str, model: str, images: np.ndarray) -> dict:
     r = c.infer(model, [inp], outputs=[th.InferRequestedOutput("SCORE"), th.InferRequestedOutput("REPAIRED", binary_data=True)])
     out["bytes_score"] = r.as_numpy("SCORE").tolist()
     out["repaired_shapes"] = [list(np.asarray(Image.open(io.BytesIO(b))).shape) for b in r.as_numpy("REPAIRED")]
+    masks = np.zeros(images.shape[:3], np.uint8)
+    masks[:, 10:20, 15:30] = 1
+    inp = th.InferInput("IMAGES", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    mask_in = th.InferInput("MASKS", list(masks.shape), "UINT8")
+    mask_in.set_data_from_numpy(masks)
+    r = c.infer(model, [inp, mask_in], outputs=[th.InferRequestedOutput("INPAINTED", binary_data=True)])
+    out["inpainted"] = [np.asarray(Image.open(io.BytesIO(b))).tolist() for b in r.as_numpy("INPAINTED")]
     bad = th.InferInput("IMAGES", [1, 4, 4, 5], "UINT8")
     bad.set_data_from_numpy(np.zeros((1, 4, 4, 5), np.uint8))
     out["errors"] = {
@@ -99,7 +107,14 @@ def main(url: str, model: str, version: str, images_path: str, http_url: str) ->
     out["default_outputs"] = [o.name for o in r.get_response().outputs]
     out["grey_score"] = r.as_numpy("SCORE").tolist()
     x = _input("IMAGES", images, "UINT8")
+    masks = np.zeros(images.shape[:3], np.uint8)
+    masks[:, 10:20, 15:30] = 1
+    r = c.infer(model, [_input("IMAGES", images, "UINT8"), _input("MASKS", masks, "UINT8")])
+    out["inpaint_outputs"] = [o.name for o in r.get_response().outputs]
+    out["inpainted"] = [np.asarray(Image.open(io.BytesIO(b))).tolist() for b in r.as_numpy("INPAINTED")]
     out["errors"] = {
+        "inpainted_without_masks": _error(lambda: c.infer(model, [x], outputs=[tc.InferRequestedOutput("INPAINTED")])),
+        "mask_size": _error(lambda: c.infer(model, [x, _input("MASKS", np.zeros((3, 8, 8), np.uint8), "UINT8")])),
         "fp32": _error(lambda: c.infer(model, [_input("IMAGES", np.zeros((1, 4, 4, 3), np.float32), "FP32")])),
         "wrong_name": _error(lambda: c.infer(model, [_input("PIXELS", np.zeros((1, 4, 4, 3), np.uint8), "UINT8")])),
         "five_channels": _error(lambda: c.infer(model, [_input("IMAGES", np.zeros((1, 4, 4, 5), np.uint8), "UINT8")])),
@@ -110,8 +125,10 @@ def main(url: str, model: str, version: str, images_path: str, http_url: str) ->
     }
     c.close()
     out["http"] = http_checks(http_url, model, images)
+    out["http_inpainted"] = out["http"]["inpainted"]
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:6])))
+    result = main(*sys.argv[1:6])
+    print(json.dumps(result, default=lambda o: f"<unserializable {type(o).__name__}: {o!r:.300}>"))
