@@ -90,7 +90,7 @@ class Server:
             "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready),
             "--providers", args.providers, "--intra-op-threads", str(args.intra_op_threads),
             "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
-            "--fuse-graphs", str(args.fuse_graphs).lower(), "--log-level", "WARNING",
+            "--fuse-graphs", str(args.fuse_graphs).lower(), "--log-level", "WARNING", "--http-port", "0",
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env)
@@ -101,6 +101,7 @@ class Server:
             time.sleep(0.05)
         ports = json.loads(ready.read_text())
         self.target = f"127.0.0.1:{ports['port']}"
+        self.http = f"http://127.0.0.1:{ports['http_port']}"
         self.metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
 
     def batch_stats(self) -> tuple[float, float]:
@@ -151,6 +152,50 @@ async def drive(
         await asyncio.gather(*workers)
     return {"in_flight": in_flight, "request_images": n_images,
             "images_per_s": len(latencies) * n_images / elapsed, **percentiles(latencies)}
+
+
+async def drive_http(url: str, body: bytes, headers: dict[str, str], n_images: int, in_flight: int,
+                     seconds: float) -> dict[str, Any]:
+    """:func:`drive` for OIP over HTTP/REST (aiohttp client, one connection per call in flight)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    state = {"measuring": False, "stop": False}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as session:
+
+        async def worker() -> None:
+            while not state["stop"]:
+                t = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"HTTP {resp.status}")
+                if state["measuring"]:
+                    latencies.append(time.perf_counter() - t)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
+        await asyncio.sleep(min(1.0, seconds / 3))
+        state["measuring"] = True
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        state["stop"] = True
+        elapsed = time.perf_counter() - t0
+        await asyncio.gather(*workers)
+    return {"in_flight": in_flight, "request_images": n_images,
+            "images_per_s": len(latencies) * n_images / elapsed, **percentiles(latencies)}
+
+
+def make_http_request(rt: Runtime, n: int) -> tuple[bytes, dict[str, str]]:
+    """The same images as :func:`make_request`, as an OIP HTTP infer body with binary data."""
+    s = rt.spec
+    imgs = np.random.default_rng(1).integers(0, 256, (n, s.height, s.width, s.channels), dtype=np.uint8)
+    raw = imgs.tobytes()
+    head = json.dumps({
+        "inputs": [{"name": "IMAGES", "datatype": "UINT8", "shape": list(imgs.shape),
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "outputs": [{"name": n_, "parameters": {"binary_data": True}} for n_ in ("SCORE", "IS_OUTLIER")],
+    }).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
 
 
 def make_request(rt: Runtime, n: int) -> pb.ScoreRequest:
@@ -250,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": f"({scen}) vaegan.v1 {size}, {c} in flight", "scenario": f"{scen}-v1", **v1})
             rows.append({"name": f"({scen}) OIP {size}, {c} in flight", "scenario": scen,
                          "oip_vs_v1": r["ratio"] / v1["ratio"], **r})
+            body, headers = make_http_request(rt, args.request_size if scen == "d" else 1)
+            url = f"{server.http}/v2/models/{rt.bundle.name}/infer"
+            n_img = args.request_size if scen == "d" else 1
+            h = bracketed(n, lambda url=url, body=body, headers=headers, c=c, n_img=n_img: asyncio.run(
+                drive_http(url, body, headers, n_img, c, args.seconds)))
+            rows.append({"name": f"({scen}) OIP HTTP {size}, {c} in flight", "scenario": f"{scen}-http",
+                         "http_vs_v1": h["ratio"] / v1["ratio"], **h})
         # the ceiling: a no-op RPC (GetModelInfo) as fast as this machine's gRPC stack goes
         r = asyncio.run(drive(server.target, pb.GetModelInfoRequest(), 64, args.seconds, "GetModelInfo"))
         rows.append({"name": "(c) no-op RPC, 64 in flight", "scenario": "c", **r})
@@ -266,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     oip_rows = [r for r in rows if "oip_vs_v1" in r]
     for r in oip_rows:
         print(f"{r['name']}: OIP / vaegan.v1 = {r['oip_vs_v1']:.2f} (target >= 0.90)")
+    http_rows = [r for r in rows if "http_vs_v1" in r]
+    for r in http_rows:
+        print(f"{r['name']}: OIP HTTP / vaegan.v1 gRPC = {r['http_vs_v1']:.2f}")
     report = {
         "model": str(args.model),
         "bundle": {"name": rt.bundle.name, "version": rt.bundle.version, "image": rt.spec.to_dict()},
@@ -275,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "best_ratio": best,
         "oip_vs_v1": {r["name"]: r["oip_vs_v1"] for r in oip_rows},
+        "http_vs_v1": {r["name"]: r["http_vs_v1"] for r in http_rows},
         "targets": {"a": 0.85, "b": 0.5, "oip_vs_v1": 0.9},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
