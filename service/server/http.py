@@ -49,6 +49,7 @@ from vaegan.service.server.oip import (
     pack_bytes,
     tensor_images,
 )
+from vaegan.service.server.repository import current_model
 
 __all__ = ["HEADER_LENGTH", "HttpEndpoint", "build_app", "start_http"]
 
@@ -181,8 +182,9 @@ class _Routes:
                 return _json_error(_HTTP_STATUS.get(code, 500), message)
             finally:
                 in_flight.dec()
-                self.metrics.requests.labels(method, code.name).inc()
-                self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+                model = current_model.get()
+                self.metrics.requests.labels(method, code.name, *model).inc()
+                self.metrics.latency.labels(method, *model).observe(time.perf_counter() - start)
 
         return wrapped
 

@@ -31,6 +31,7 @@ from vaegan.service.server.auth import TokenSet
 from vaegan.service.server.errors import to_status
 from vaegan.service.server.logs import new_request_id, request_id
 from vaegan.service.server.metrics import ServerMetrics
+from vaegan.service.server.repository import current_model
 
 __all__ = ["REQUEST_ID_KEY", "InstrumentedServicer", "Malformed", "add_to_server"]
 
@@ -88,8 +89,9 @@ class _Call:
         finally:
             seconds = time.perf_counter() - self.start
             self.in_flight.dec()
-            self.metrics.requests.labels(self.method, self.code.name).inc()
-            self.metrics.latency.labels(self.method).observe(seconds)
+            model = current_model.get()
+            self.metrics.requests.labels(self.method, self.code.name, *model).inc()
+            self.metrics.latency.labels(self.method, *model).observe(seconds)
             if logger.isEnabledFor(logging.INFO):  # peer() is not free; skip it when not logged
                 logger.info("%s %s %.1fms peer=%s", self.method, self.code.name, seconds * 1e3, self.context.peer())
             request_id.reset(self.token)

@@ -38,13 +38,14 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        # model and version: those the call resolved ("" when it failed before naming one)
         self.requests = Counter(
-            "vaegan_requests_total", "RPCs finished, by method and gRPC status code",
-            ["method", "code"], registry=r,
+            "vaegan_requests_total", "RPCs finished, by method, gRPC status code, model and version",
+            ["method", "code", "model", "version"], registry=r,
         )
         self.latency = Histogram(
             "vaegan_request_duration_seconds", "RPC latency from arrival to the last response",
-            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+            ["method", "model", "version"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge(
             "vaegan_requests_in_flight", "RPCs being served now", ["method"], registry=r

@@ -11,6 +11,7 @@ taking new requests at once and is closed only when the requests using it have f
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
     from vaegan.service.server.batcher import DynamicBatcher
     from vaegan.service.server.pipeline import ScoredBatch
 
-__all__ = ["LoadedModel", "ModelSet", "VersionPolicy", "scan_repository"]
+__all__ = ["LoadedModel", "ModelSet", "VersionPolicy", "current_model", "scan_repository"]
+
+# (name, version) of the model the running call resolved, for the per-call metrics ("" before)
+current_model: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("vaegan_model", default=("", ""))
 
 
 @dataclass(eq=False)
@@ -137,12 +141,15 @@ class ModelSet:
             known = ", ".join(sorted(self.models))
             raise NotFound(f"model {name!r} is not served here (served: {known})")
         if not version:
-            return versions[max(versions, key=_version_key)]
+            model = versions[max(versions, key=_version_key)]
+            current_model.set((model.name, model.version))
+            return model
         model = versions.get(version)
         if model is None:
             reason = self.failed.get((name, version))
             why = f" (it failed to load: {reason})" if reason else ""
             raise NotFound(f"model {name!r} has no version {version!r} here{why} (served: {', '.join(sorted(versions, key=_version_key))})")
+        current_model.set((model.name, model.version))
         return model
 
     @contextmanager

@@ -86,3 +86,15 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def sample_sum(registry: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of the samples ``name`` of a prometheus registry whose labels include ``labels``
+    (the per-call series also carry the model and version, which callers may not care about)."""
+    want = labels or {}
+    total = 0.0
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                total += s.value
+    return total

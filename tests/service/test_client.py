@@ -18,7 +18,7 @@ from PIL import Image
 from vaegan.service.client import ImageScore, OutlierClient, OutlierClientError
 from vaegan.service.runtime import Runtime
 from vaegan.service.server.config import ServiceConfig
-from vaegan.service.server.testing import ServerThread
+from vaegan.service.server.testing import ServerThread, sample_sum
 
 
 def config(bundle: Path, **kw) -> ServiceConfig:
@@ -99,8 +99,7 @@ def test_retries_until_the_model_is_loaded(tiny_bundle: Path, runtime: Runtime) 
         with OutlierClient(srv.target, timeout=20, retries=8, backoff=0.1, max_backoff=0.4) as client:
             assert client.model_info().name == runtime.bundle.name
         assert time.perf_counter() - t0 >= 0.4
-        refused = srv.server.metrics.registry.get_sample_value(
-            "vaegan_requests_total", {"method": "GetModelInfo", "code": "UNAVAILABLE"}
+        refused = sample_sum(srv.server.metrics.registry, "vaegan_requests_total", {"method": "GetModelInfo", "code": "UNAVAILABLE"}
         )
         assert refused and refused >= 1
 
@@ -137,7 +136,7 @@ def test_round_robin_spreads_calls_over_servers(tiny_bundle: Path, runtime: Runt
 
         def calls(srv: ServerThread) -> float:
             reg = srv.server.metrics.registry
-            return reg.get_sample_value("vaegan_requests_total", {"method": "GetModelInfo", "code": "OK"}) or 0
+            return sample_sum(reg, "vaegan_requests_total", {"method": "GetModelInfo", "code": "OK"}) or 0
 
         assert calls(other) >= 2 and calls(server) >= 2
     with OutlierClient(f"dns:///localhost:{server.port}", load_balancing="round_robin") as client:

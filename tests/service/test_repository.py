@@ -102,6 +102,11 @@ def test_two_models_each_with_its_own_batcher(tmp_path: Path, tiny_bundle: Path)
         assert 'vaegan_images_total{method="Score",model="b",version="1"} 1.0' in scrape
         assert 'vaegan_batch_size_count{model="b",version="1"} 1.0' in scrape
         assert 'vaegan_outlier_score_count{model="b",version="1"} 1.0' in scrape
+        deadline = time.monotonic() + 5  # the call is booked a moment after its answer
+        while 'vaegan_requests_total{code="OK",method="Score",model="b",version="1"} 1.0' not in scrape:
+            assert time.monotonic() < deadline, scrape
+            time.sleep(0.05)
+            scrape = generate_latest(srv.server.metrics.registry).decode()
         assert 'model="a"' not in scrape.split("vaegan_images_total")[1].split("# HELP")[0]  # a served nothing
         stub = pb_grpc.OutlierServiceStub(ch)
         assert [(n, v) for n, v, _ in _states(stub)] == [("a", "1"), ("a", "2"), ("b", "1")]

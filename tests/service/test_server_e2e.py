@@ -22,7 +22,7 @@ from vaegan.service.runtime import Runtime
 from vaegan.service.server.codec import array_to_tensor, decode_output
 from vaegan.service.server.config import ServiceConfig
 from vaegan.service.server.logs import JsonFormatter, RequestIdFilter
-from vaegan.service.server.testing import ServerThread
+from vaegan.service.server.testing import ServerThread, sample_sum
 
 SERVICE = "vaegan.v1.OutlierService"
 
@@ -131,20 +131,18 @@ def test_large_request_is_split_over_several_batches(stub, runtime: Runtime) -> 
 
 def test_concurrent_requests_are_merged_by_the_batcher(server: ServerThread, stub) -> None:
     reg = server.server.metrics.registry
-    before_runs = reg.get_sample_value("vaegan_batch_size_count") or 0.0
-    before_images = reg.get_sample_value("vaegan_batch_size_sum") or 0.0
+    before_runs = sample_sum(reg, "vaegan_batch_size_count") or 0.0
+    before_images = sample_sum(reg, "vaegan_batch_size_sum") or 0.0
     img = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     req = pb.ScoreRequest(images=[pb.Image(tensor=array_to_tensor(img))])
     futures = [stub.Score.future(req) for _ in range(16)]
     scores = [f.result(timeout=30).results[0].score for f in futures]
     assert len(set(np.round(scores, 6))) == 1  # same image, same score, whatever the batch
-    runs = reg.get_sample_value("vaegan_batch_size_count") - before_runs
-    merged = reg.get_sample_value("vaegan_batch_size_sum") - before_images
+    runs = sample_sum(reg, "vaegan_batch_size_count") - before_runs
+    merged = sample_sum(reg, "vaegan_batch_size_sum") - before_images
     assert merged == 16
     assert runs < 16, f"16 concurrent requests ran as {runs} batches: nothing was merged"
-    assert reg.get_sample_value("vaegan_batch_size_bucket", {"le": "1.0"}) < reg.get_sample_value(
-        "vaegan_batch_size_count"
-    )
+    assert sample_sum(reg, "vaegan_batch_size_bucket", {"le": "1.0"}) < sample_sum(reg, "vaegan_batch_size_count")
 
 
 def test_score_stream_answers_in_order(stub, runtime: Runtime, images) -> None:

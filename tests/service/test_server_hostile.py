@@ -18,7 +18,7 @@ from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
 from vaegan.service.runtime import InvalidInput, Runtime
 from vaegan.service.runtime.preprocess import DEFAULT_IMAGE_FORMATS, decode_image
 from vaegan.service.server.config import ServiceConfig
-from vaegan.service.server.testing import ServerThread
+from vaegan.service.server.testing import ServerThread, sample_sum
 
 
 def encoded(fmt: str, mode: str = "RGB") -> bytes:
@@ -153,5 +153,5 @@ def test_malformed_protobuf_is_invalid_argument_and_counted(tiny_bundle: Path, r
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [r.results[0].id for r in got] == ["g"]
         registry = srv.server.metrics.registry
-        assert registry.get_sample_value("vaegan_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}) == 1
+        assert sample_sum(registry, "vaegan_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}) == 1
         assert len(pb_grpc.OutlierServiceStub(ch).Score(pb.ScoreRequest(images=[pb.Image(encoded=encoded("PNG"))])).results) == 1

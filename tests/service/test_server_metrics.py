@@ -46,7 +46,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of the samples ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples(text).items() if n == name and want <= set(ls))
 
 
 def score(srv: ServerThread, n: int, bad: bool = False) -> None:
