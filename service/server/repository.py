@@ -141,9 +141,7 @@ class ModelSet:
             known = ", ".join(sorted(self.models))
             raise NotFound(f"model {name!r} is not served here (served: {known})")
         if not version:
-            model = versions[max(versions, key=_version_key)]
-            current_model.set((model.name, model.version))
-            return model
+            version = max(versions, key=_version_key)
         model = versions.get(version)
         if model is None:
             reason = self.failed.get((name, version))
