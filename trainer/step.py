@@ -171,6 +171,13 @@ def _zero_grad(*modules: nn.Module) -> None:
             p.grad = None
 
 
+def masked_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A normalized batch with its holes (``mask`` (B, 1, H, W), 1 = hole) set to 0, the
+    normalization mean: how the encoder sees a masked image in training, and how the runtime
+    starts a hole (``service.runtime.inpaint.hole_start``; a test checks they agree)."""
+    return x * (1 - mask)
+
+
 def train_step(
     model: VAEGAN,
     x: torch.Tensor,
@@ -192,7 +199,7 @@ def train_step(
     E, G, D = model.encoder, model.generator, model.discriminator
     device_type = x.device.type
     amp = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    x_in = x * (1 - mask) if mask is not None else x
+    x_in = masked_input(x, mask) if mask is not None else x
 
     # ---- discriminator: real vs reconstruction vs prior sample -------------------------
     with amp:

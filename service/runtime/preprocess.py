@@ -97,7 +97,9 @@ class ImageSpec:
     std: tuple[float, ...] = field(default=(0.5,))
     # how other sizes are fitted, one of RESIZE_POLICIES (see the module docstring)
     resize: str = "letterbox"
-    fill: tuple[float, ...] = field(default=(0.5,))  # training-data mean in [0, 1]: hole start
+    # training-data mean in [0, 1], recorded for reference (holes start at the normalization
+    # mean, as training marks them: service.runtime.inpaint.hole_start)
+    fill: tuple[float, ...] = field(default=(0.5,))
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):

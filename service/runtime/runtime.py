@@ -28,6 +28,7 @@ from vaegan.service.runtime.errors import InvalidInput, ModelNotReady
 from vaegan.service.runtime.inpaint import (
     border_offset,
     dilate,
+    hole_start,
     mask_to_input,
     mask_to_model,
     prepare_mask,
@@ -354,12 +355,12 @@ class Runtime:
     def inpaint_normalized(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Fill ``mask`` (bool (N, H, W), True = fill) in a normalized batch (N, C, H, W).
 
-        The hole starts at the training data's mean, then ``x_k = x (1-m) + G(mu(x_{k-1})) m``
-        a few times; the fill is shifted to match the brightness of the ring around the hole.
+        The hole starts as training marks holes (:func:`~service.runtime.inpaint.hole_start`:
+        the normalization mean), then ``x_k = x (1-m) + G(mu(x_{k-1})) m`` a few times; the fill
+        is shifted to match the brightness of the ring around the hole.
         """
         m = mask[:, None].astype(np.float32)  # (N, 1, H, W)
-        fill = (np.asarray(self.spec.fill, np.float32) - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std, np.float32)
-        cur = x * (1 - m) + fill[None, :, None, None] * m
+        cur = hole_start(x, mask)
         gen = cur
         for _ in range(max(1, self.inpaint_iterations)):
             gen = self.reconstruct_normalized(cur)
