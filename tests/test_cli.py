@@ -161,3 +161,49 @@ def test_more_user_mistakes_are_one_line_and_exit_2(tmp_path: Path, tiny_bundle:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_inpaint_cli_on_a_folder_with_a_mask_folder_in_one_model_load(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    """A folder of images and a folder of masks (matched by relative path, any extension): one
+    model load, outputs mirror the folders as PNG; an image without a mask or that cannot be
+    decoded is named and skipped (exit 3), the others are written."""
+    import numpy as np
+    from PIL import Image
+
+    from vaegan.service.runtime import Runtime
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    (tmp_path / "masks" / "sub").mkdir(parents=True)
+    names = ["a.png", "sub/b.jpg", "sub/c.png"]
+    imgs = {}
+    for i, name in enumerate(names):
+        img = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "imgs" / name, quality=95)
+        imgs[name] = np.asarray(Image.open(tmp_path / "imgs" / name))
+        mask = np.zeros(img.shape[:2], np.uint8)
+        mask[5:12, 6:20] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / (name.rsplit(".", 1)[0] + ".png"))
+    (tmp_path / "imgs" / "nomask.png").write_bytes((tmp_path / "imgs" / "a.png").read_bytes())
+    out = tmp_path / "out"
+    code = main(["inpaint", str(tmp_path / "imgs"), "--mask", str(tmp_path / "masks"), "--model", str(tiny_bundle),
+                 "--out", str(out), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 3 and "nomask.png: no mask" in err
+    rt = Runtime.load(tiny_bundle)
+    for name, img in imgs.items():
+        got = np.asarray(Image.open(out / (name.rsplit(".", 1)[0] + ".png")))
+        mask = np.asarray(Image.open(tmp_path / "masks" / (name.rsplit(".", 1)[0] + ".png"))) > 0
+        (expected,) = rt.inpaint([img], [mask.astype(np.uint8)])
+        assert np.array_equal(got, expected)  # as the runtime fills the image alone
+        assert np.array_equal(got[~mask], img[~mask])
+    assert not (out / "nomask.png").exists()
+    # --auto over the folder, with the masks it used
+    assert main(["inpaint", str(tmp_path / "masks"), "--auto", "--model", str(tiny_bundle), "--out", str(tmp_path / "fixed"),
+                 "--save-mask", str(tmp_path / "used")]) == 0
+    assert sorted(p.name for p in (tmp_path / "fixed").rglob("*.png")) == ["a.png", "b.png", "c.png"]
+    assert sorted(p.name for p in (tmp_path / "used").rglob("*.png")) == ["a.png", "b.png", "c.png"]
+    # a file of masks for a folder of images is a usage error in one line
+    assert main(["inpaint", str(tmp_path / "imgs"), "--mask", str(tmp_path / "masks" / "a.png"),
+                 "--model", str(tiny_bundle), "--out", str(out)]) == 2
+    assert "give a folder of masks" in capsys.readouterr().err

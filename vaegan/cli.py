@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -398,14 +398,20 @@ def _ci(interval: list[float] | None) -> str:
 
 # ---- inpaint ----------------------------------------------------------------------------
 def _add_inpaint(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inpaint", help="fill a masked region (--mask) or repair anomalies (--auto)")
-    p.add_argument("image", type=Path, help="input image (any size, grey or RGB)")
+    p = sub.add_parser(
+        "inpaint", help="fill a masked region (--mask) or repair anomalies (--auto); one image or a folder"
+    )
+    p.add_argument("image", type=Path, help="input image (any size, grey or RGB), or a folder of images")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--mask", type=Path, help="mask image of the same size; non-zero = fill")
+    g.add_argument("--mask", type=Path,
+                   help="mask image of the same size, non-zero = fill; for a folder: a folder of masks with the "
+                   "images' relative paths (any image extension)")
     g.add_argument("--auto", action="store_true", help="repair: fill where the anomaly map is above threshold")
     p.add_argument("--model", type=Path, required=True, help="bundle directory")
-    p.add_argument("--out", type=Path, required=True, help="output image file (PNG/JPEG by extension)")
-    p.add_argument("--save-mask", type=Path, help="with --auto: also write the mask used")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output image file (PNG/JPEG by extension), or for a folder the output folder (PNGs)")
+    p.add_argument("--save-mask", type=Path, help="with --auto: also write the mask used (a folder for a folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call in folder mode")
     p.set_defaults(func=_cmd_inpaint)
 
 
@@ -415,6 +421,8 @@ def _cmd_inpaint(a: argparse.Namespace) -> int:
 
     from vaegan.service.runtime import Runtime
 
+    if a.image.is_dir():
+        return _inpaint_folder(a)
     rt = Runtime.load(a.model)
     if a.auto:
         (out,), (mask,) = rt.repair([a.image])
@@ -427,6 +435,74 @@ def _cmd_inpaint(a: argparse.Namespace) -> int:
     Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out).save(a.out)
     print(f"wrote {a.out}")
     return 0
+
+
+def _inpaint_folder(a: argparse.Namespace) -> int:
+    """Every image below ``a.image``, in one model load: out/<relative path>.png (masks matched by
+    relative path without extension). Images that fail are named on stderr; exit 3 if any did."""
+    import numpy as np
+    from PIL import Image
+
+    from vaegan.service.batch.inputs import resolve_inputs
+    from vaegan.service.runtime import Runtime, ServiceError
+
+    if a.mask is not None and not a.mask.is_dir():
+        raise CliError(f"--mask {a.mask}: with a folder of images, give a folder of masks")
+    if a.out.exists() and not a.out.is_dir():
+        raise CliError(f"--out {a.out}: with a folder of images, give an output folder")
+    if a.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {a.batch_size}")
+    items = resolve_inputs([str(a.image)])
+    masks: dict[str, str] = {}
+    if a.mask is not None:
+        masks = {item.id.rsplit(".", 1)[0]: item.path for item in resolve_inputs([str(a.mask)])}
+    rt = Runtime.load(a.model)
+    done = failed = 0
+
+    def save(arr: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).save(tmp, format="PNG")
+        tmp.replace(path)
+
+    for start in range(0, len(items), a.batch_size):
+        chunk = items[start : start + a.batch_size]
+        todo = []
+        for item in chunk:
+            if a.mask is not None and item.id.rsplit(".", 1)[0] not in masks:
+                print(f"error: {item.path}: no mask with its relative path under {a.mask}", file=sys.stderr)
+                failed += 1
+            else:
+                todo.append(item)
+        try:  # the chunk in one call; if one image in it is bad, one at a time (the others are kept)
+            results = _inpaint_chunk(rt, a, todo, masks)
+        except ServiceError:
+            results = []
+            for item in todo:
+                try:
+                    results += _inpaint_chunk(rt, a, [item], masks)
+                except ServiceError as e:
+                    print(f"error: {item.path}: {e}", file=sys.stderr)
+                    failed += 1
+        for item, out, mask in results:
+            rel = item.id.rsplit(".", 1)[0] + ".png"
+            save(out, a.out / rel)
+            if a.save_mask is not None and mask is not None:
+                save(mask.astype(np.uint8) * 255, a.save_mask / rel)
+            done += 1
+    print(f"inpainted {done} images into {a.out}" + (f"; {failed} failed (named above)" if failed else ""))
+    return EXIT_PARTIAL if failed else 0
+
+
+def _inpaint_chunk(rt: Any, a: argparse.Namespace, items: list[Any], masks: dict[str, str]) -> list[tuple[Any, Any, Any]]:
+    if not items:
+        return []
+    paths = [Path(item.path) for item in items]
+    if a.auto:
+        outs, used = rt.repair(paths)
+        return list(zip(items, outs, used, strict=True))
+    outs = rt.inpaint(paths, [Path(masks[item.id.rsplit(".", 1)[0]]) for item in items])
+    return [(item, out, None) for item, out in zip(items, outs, strict=True)]
 
 
 # ---- score (batch) ----------------------------------------------------------------------
