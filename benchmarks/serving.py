@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,31 @@ class Server:
         self.tmp.cleanup()
 
 
+async def _keep_busy(call: Callable[[], Awaitable[Any]], in_flight: int, seconds: float, n_images: int) -> dict[str, Any]:
+    """Keep ``in_flight`` copies of ``call`` going for ``seconds`` after a short warm-up;
+    throughput and latency percentiles of the measured part."""
+    latencies: list[float] = []
+    state = {"measuring": False, "stop": False}
+
+    async def worker() -> None:
+        while not state["stop"]:
+            t = time.perf_counter()
+            await call()
+            if state["measuring"]:
+                latencies.append(time.perf_counter() - t)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
+    await asyncio.sleep(min(1.0, seconds / 3))  # warm-up
+    state["measuring"] = True
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    state["stop"] = True
+    elapsed = time.perf_counter() - t0
+    await asyncio.gather(*workers)
+    return {"in_flight": in_flight, "request_images": n_images,
+            "images_per_s": len(latencies) * n_images / elapsed, **percentiles(latencies)}
+
+
 async def drive(
     target: str, request: Any, in_flight: int, seconds: float, method: str = "Score", n_images: int | None = None
 ) -> dict[str, Any]:
@@ -132,26 +157,7 @@ async def drive(
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub: Any = oip_grpc.GRPCInferenceServiceStub(channel) if method == "ModelInfer" else pb_grpc.OutlierServiceStub(channel)
         call = getattr(stub, method)
-        latencies: list[float] = []
-        state = {"measuring": False, "stop": False}
-
-        async def worker() -> None:
-            while not state["stop"]:
-                t = time.perf_counter()
-                await call(request, timeout=60)
-                if state["measuring"]:
-                    latencies.append(time.perf_counter() - t)
-
-        workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
-        await asyncio.sleep(min(1.0, seconds / 3))  # warm-up
-        state["measuring"] = True
-        t0 = time.perf_counter()
-        await asyncio.sleep(seconds)
-        state["stop"] = True
-        elapsed = time.perf_counter() - t0
-        await asyncio.gather(*workers)
-    return {"in_flight": in_flight, "request_images": n_images,
-            "images_per_s": len(latencies) * n_images / elapsed, **percentiles(latencies)}
+        return await _keep_busy(lambda: call(request, timeout=60), in_flight, seconds, n_images)
 
 
 async def drive_http(url: str, body: bytes, headers: dict[str, str], n_images: int, in_flight: int,
@@ -159,30 +165,15 @@ async def drive_http(url: str, body: bytes, headers: dict[str, str], n_images: i
     """:func:`drive` for OIP over HTTP/REST (aiohttp client, one connection per call in flight)."""
     import aiohttp
 
-    latencies: list[float] = []
-    state = {"measuring": False, "stop": False}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as session:
 
-        async def worker() -> None:
-            while not state["stop"]:
-                t = time.perf_counter()
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}")
-                if state["measuring"]:
-                    latencies.append(time.perf_counter() - t)
+        async def post() -> None:
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
 
-        workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
-        await asyncio.sleep(min(1.0, seconds / 3))
-        state["measuring"] = True
-        t0 = time.perf_counter()
-        await asyncio.sleep(seconds)
-        state["stop"] = True
-        elapsed = time.perf_counter() - t0
-        await asyncio.gather(*workers)
-    return {"in_flight": in_flight, "request_images": n_images,
-            "images_per_s": len(latencies) * n_images / elapsed, **percentiles(latencies)}
+        return await _keep_busy(post, in_flight, seconds, n_images)
 
 
 def make_http_request(rt: Runtime, n: int) -> tuple[bytes, dict[str, str]]:

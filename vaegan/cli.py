@@ -455,7 +455,7 @@ def _inpaint_folder(a: argparse.Namespace) -> int:
     items = resolve_inputs([str(a.image)])
     masks: dict[str, str] = {}
     if a.mask is not None:
-        masks = {item.id.rsplit(".", 1)[0]: item.path for item in resolve_inputs([str(a.mask)])}
+        masks = {_stem(item.id): item.path for item in resolve_inputs([str(a.mask)])}
     rt = Runtime.load(a.model)
     done = failed = 0
 
@@ -469,7 +469,7 @@ def _inpaint_folder(a: argparse.Namespace) -> int:
         chunk = items[start : start + a.batch_size]
         todo = []
         for item in chunk:
-            if a.mask is not None and item.id.rsplit(".", 1)[0] not in masks:
+            if a.mask is not None and _stem(item.id) not in masks:
                 print(f"error: {item.path}: no mask with its relative path under {a.mask}", file=sys.stderr)
                 failed += 1
             else:
@@ -485,13 +485,18 @@ def _inpaint_folder(a: argparse.Namespace) -> int:
                     print(f"error: {item.path}: {e}", file=sys.stderr)
                     failed += 1
         for item, out, mask in results:
-            rel = item.id.rsplit(".", 1)[0] + ".png"
+            rel = _stem(item.id) + ".png"
             save(out, a.out / rel)
             if a.save_mask is not None and mask is not None:
                 save(mask.astype(np.uint8) * 255, a.save_mask / rel)
             done += 1
     print(f"inpainted {done} images into {a.out}" + (f"; {failed} failed (named above)" if failed else ""))
     return EXIT_PARTIAL if failed else 0
+
+
+def _stem(image_id: str) -> str:
+    """An image's relative path without its extension: how images meet their masks and outputs."""
+    return image_id.rsplit(".", 1)[0]
 
 
 def _inpaint_chunk(rt: Any, a: argparse.Namespace, items: list[Any], masks: dict[str, str]) -> list[tuple[Any, Any, Any]]:
@@ -501,7 +506,7 @@ def _inpaint_chunk(rt: Any, a: argparse.Namespace, items: list[Any], masks: dict
     if a.auto:
         outs, used = rt.repair(paths)
         return list(zip(items, outs, used, strict=True))
-    outs = rt.inpaint(paths, [Path(masks[item.id.rsplit(".", 1)[0]]) for item in items])
+    outs = rt.inpaint(paths, [Path(masks[_stem(item.id)]) for item in items])
     return [(item, out, None) for item, out in zip(items, outs, strict=True)]
 
 

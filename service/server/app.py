@@ -87,8 +87,8 @@ class OutlierServer:
         self.fatal_reason = ""
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="vaegan-load")  # loads and warm-ups
         self._pools: dict[int, ThreadPoolExecutor] = {}  # each model's batcher threads (ONNX Runtime)
-        self._closing: set[asyncio.Future[None]] = set()
-        self._retiring: set[LoadedModel] = set()  # retired, closed once their requests finish
+        # retired versions and the task that closes each once its requests have finished
+        self._retiring: dict[LoadedModel, asyncio.Future[None]] = {}
         self._poller: asyncio.Future[None] | None = None
         self._failed_stamp: dict[tuple[str, str], int] = {}  # failed versions, by manifest mtime
         self._policy = VersionPolicy.parse(config.version_policy)
@@ -270,10 +270,7 @@ class OutlierServer:
         if not self.servicer.models.models.get(name) and self._health is not None:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         logger.info("retiring %s version %s (%d requests in flight)", name, version, model.active)
-        self._retiring.add(model)
-        task = asyncio.ensure_future(self._close_when_idle(model))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        task = self._retiring[model] = asyncio.ensure_future(self._close_when_idle(model))
         if wait:
             await task
 
@@ -284,7 +281,7 @@ class OutlierServer:
             logger.warning("%s version %s: requests still in flight after the grace period; closing", model.name, model.version)
         model.batcher.drain()
         await model.batcher.close()
-        self._retiring.discard(model)
+        self._retiring.pop(model, None)
         pool = self._pools.pop(id(model), None)
         if pool is not None:
             pool.shutdown(wait=False)
@@ -346,7 +343,7 @@ class OutlierServer:
         if self._http is not None:  # readiness is already 503; in-flight HTTP calls finish
             await self._http.close()
             self._http = None
-        for task in list(self._closing):
+        for task in self._retiring.values():
             task.cancel()
         for m in [*self.servicer.models.all(), *self._retiring]:  # no batcher thread outlives the server
             m.batcher.drain()

@@ -46,8 +46,9 @@ from vaegan.service.server.oip import (
     MASKS,
     InferenceServicer,
     check_inputs,
-    pack_bytes,
+    tensor_bytes,
     tensor_images,
+    tensor_shape,
 )
 from vaegan.service.server.repository import current_model
 
@@ -147,16 +148,6 @@ def _wants_binary(doc: dict[str, Any]) -> tuple[list[str], set[str]]:
     return names, binary
 
 
-def _json_value(datatype: str, value: np.ndarray | list[bytes]) -> list[Any]:
-    if isinstance(value, list):
-        raise InvalidInput("BYTES outputs (REPAIRED) are sent only as binary data; ask for it with binary_data")
-    return value.ravel().tolist()
-
-
-def _raw(value: np.ndarray | list[bytes]) -> bytes:
-    return pack_bytes(value) if isinstance(value, list) else np.ascontiguousarray(value).tobytes()
-
-
 class _Routes:
     def __init__(self, inference: InferenceServicer, metrics: ServerMetrics, tokens: TokenSet | None) -> None:
         self.inference = inference
@@ -239,14 +230,13 @@ class _Routes:
         )
         described, chunks = [], []
         for name, datatype, value in outputs:
-            shape = [len(value)] if isinstance(value, list) else list(value.shape)
-            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": tensor_shape(value)}
             if name in as_binary or isinstance(value, list):
-                raw = _raw(value)
+                raw = tensor_bytes(value)
                 entry["parameters"] = {"binary_data_size": len(raw)}
                 chunks.append(raw)
             else:
-                entry["data"] = _json_value(datatype, value)
+                entry["data"] = value.ravel().tolist()
             described.append(entry)
         head: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": described}
         if isinstance(doc.get("id"), str):

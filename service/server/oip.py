@@ -56,7 +56,7 @@ from vaegan.service.server.servicer import OutlierServicer
 
 __all__ = [
     "INPUT", "OIP_SERVICE", "OUTPUTS", "InferenceServicer", "check_inputs", "pack_bytes", "requested_outputs",
-    "tensor_images", "unpack_bytes",
+    "tensor_bytes", "tensor_images", "tensor_shape", "unpack_bytes",
 ]
 
 OIP_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -174,11 +174,20 @@ def _components(model: LoadedModel) -> list[str]:
     return [c for c in ALL_COMPONENTS if c != "disc_local" or model.runtime.bundle.patch_head]
 
 
+def tensor_shape(value: np.ndarray | list[bytes]) -> list[int]:
+    """An output's shape: [N] for a BYTES list, the array's shape otherwise."""
+    return [len(value)] if isinstance(value, list) else list(value.shape)
+
+
+def tensor_bytes(value: np.ndarray | list[bytes]) -> bytes:
+    """An output's raw form (gRPC raw_output_contents, HTTP binary data): little-endian array
+    bytes, or length-prefixed elements for BYTES."""
+    return pack_bytes(value) if isinstance(value, list) else np.ascontiguousarray(value).tobytes()
+
+
 def _raw_tensor(name: str, datatype: str, value: np.ndarray | list[bytes]) -> tuple[oip.ModelInferResponse.InferOutputTensor, bytes]:
-    if isinstance(value, list):
-        return oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=[len(value)]), pack_bytes(value)
-    tensor = oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=list(value.shape))
-    return tensor, np.ascontiguousarray(value).tobytes()
+    tensor = oip.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=tensor_shape(value))
+    return tensor, tensor_bytes(value)
 
 
 class RepositoryControl(Protocol):
