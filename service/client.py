@@ -5,6 +5,8 @@
         results[0].score, results[0].is_outlier, results[0].anomaly_map  # float32 (H, W)
         results[0].region, results[0].input_size, results[0].conversion  # where the image landed
         filled = client.inpaint([image], [mask])                       # uint8 (H, W, C)
+        samples = client.sample(16, seed=0)                            # uint8 (16, H, W, C)
+        path = client.interpolate(image_a, image_b, steps=8)           # uint8 (8, H, W, C)
 
 Images may be numpy arrays (uint8 0..255 or float 0..1; (H, W) or (H, W, C), or a batch
 (N, H, W[, C])), PIL images, file paths or encoded bytes. Arrays are sent as raw tensors, files
@@ -143,6 +145,11 @@ def _ids(images: list[ImageInput], ids: Sequence[str] | None) -> list[str]:
             raise ValueError(f"got {len(ids)} ids for {len(images)} images")
         return [str(i) for i in ids]
     return [str(src) if isinstance(src, (str, Path)) else str(i) for i, src in enumerate(images)]
+
+
+def _path_id(src: ImageInput) -> str:
+    """A file's path as its image id (the server's errors name it); "" for anything else."""
+    return str(src) if isinstance(src, (str, Path)) else ""
 
 
 def _picture(img: pb.Image) -> np.ndarray | None:
@@ -298,6 +305,45 @@ class OutlierClient:
         )
         response = self._call(self._stub.Inpaint, request, timeout)
         return [decode_output(r.image) for r in response.results]
+
+    def sample(
+        self,
+        n: int,
+        *,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        model_name: str = "",
+        model_version: str = "",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """``n`` images drawn from the model: uint8 (n, H, W, C) at the model's size. The same
+        ``seed`` gives the same images (None: the server draws a seed)."""
+        request = pb.SampleRequest(
+            n=n, seed=seed, temperature=temperature, image_format=pb.IMAGE_FORMAT_RAW,
+            model_name=model_name, model_version=model_version,
+        )
+        response = self._call(self._stub.Sample, request, timeout)
+        return np.stack([decode_output(img) for img in response.images])
+
+    def interpolate(
+        self,
+        a: ImageInput,
+        b: ImageInput,
+        *,
+        steps: int = 8,
+        method: str = "linear",
+        model_name: str = "",
+        model_version: str = "",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """The decoded latent path from ``a`` to ``b`` (``method`` ``linear`` or ``slerp``):
+        uint8 (steps, H, W, C) at the model's size; the ends are the two reconstructions."""
+        request = pb.InterpolateRequest(
+            a=_to_image(a, _path_id(a)), b=_to_image(b, _path_id(b)), steps=steps, method=method,
+            image_format=pb.IMAGE_FORMAT_RAW, model_name=model_name, model_version=model_version,
+        )
+        response = self._call(self._stub.Interpolate, request, timeout)
+        return np.stack([decode_output(img) for img in response.images])
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, version, image shape, calibration and batching."""

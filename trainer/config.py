@@ -32,6 +32,8 @@ class TrainConfig:
     patch_weight: float = 1.0  # D's per-pixel (patch head) loss relative to its image-level loss
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
+    input_noise: float = 0.0  # denoising variant: std of Gaussian noise on the encoder's input (normalized units)
+    weight_decay: float = 0.0  # L2 weight decay on E and G (Adam's weight_decay), not on D
     # held-out normals, never trained on: share of the train split (plus the dataset's own
     # validation split where it has one), then cut into two parts of their own
     val_fraction: float = 0.2
@@ -63,6 +65,8 @@ class TrainConfig:
         unknown = set(self.negative_kinds) - set(NEGATIVE_KINDS)
         if unknown:
             raise ValueError(f"d_negatives: unknown kind(s) {sorted(unknown)}; known: {', '.join(NEGATIVE_KINDS)}")
+        if self.input_noise < 0 or self.weight_decay < 0:
+            raise ValueError(f"input_noise and weight_decay must be >= 0, got {self.input_noise} and {self.weight_decay}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda"):

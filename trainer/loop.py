@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
 from vaegan.service.runtime.preprocess import ImageSpec, normalize
@@ -28,8 +28,9 @@ from vaegan.trainer.checkpoint import (
 )
 from vaegan.trainer.config import TrainConfig
 from vaegan.trainer.data import ImageSet
+from vaegan.trainer.distributed import DistContext, check_agreement, convert_batchnorm
 from vaegan.trainer.selection import corrupt, select_weights
-from vaegan.trainer.step import Losses, Optimizers, random_masks, train_step
+from vaegan.trainer.step import Losses, Optimizers, StepNoise, train_step
 
 __all__ = ["RunResult", "components_torch", "fit", "resolve_device", "split_normal", "to_tensor"]
 
@@ -70,15 +71,23 @@ def split_normal(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageS
     return data.subset(np.sort(idx[n_val:])), data.subset(np.sort(idx[:n_val]))
 
 
-def _build(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device) -> tuple[VAEGAN, Optimizers, Losses]:
-    model = VAEGAN(model_cfg).to(device)
+def _build(
+    model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, ctx: DistContext | None = None
+) -> tuple[VAEGAN, Optimizers, Losses]:
+    model = VAEGAN(model_cfg)
+    if ctx is not None and ctx.enabled:  # before the optimizers see the parameters: BatchNorm over the global batch
+        convert_batchnorm(model)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    def adam(m: torch.nn.Module, scale: float = 1.0) -> torch.optim.Optimizer:
-        return torch.optim.Adam(m.parameters(), lr=cfg.lr * scale, betas=(cfg.beta1, cfg.beta2))
+    def adam(m: torch.nn.Module, scale: float = 1.0, decay: float = 0.0) -> torch.optim.Optimizer:
+        return torch.optim.Adam(m.parameters(), lr=cfg.lr * scale, betas=(cfg.beta1, cfg.beta2), weight_decay=decay)
 
-    opt = Optimizers(adam(model.encoder), adam(model.generator), adam(model.discriminator, cfg.d_lr_scale))
+    opt = Optimizers(
+        adam(model.encoder, decay=cfg.weight_decay), adam(model.generator, decay=cfg.weight_decay),
+        adam(model.discriminator, cfg.d_lr_scale),
+    )
     n_elem = model_cfg.num_channels * model_cfg.image_size**2
     losses = Losses(
         kl=KLDivergence(cfg.kl_weight / n_elem),
@@ -126,6 +135,45 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         be.copy_(b)
 
 
+@torch.no_grad()
+def heldout_losses(model: VAEGAN, x: torch.Tensor, losses: Losses, device: torch.device, n: int = 512) -> dict[str, float]:
+    """The named loss terms of :func:`train_step` on (up to ``n``) held-out normals, eval mode,
+    z = mu and prior codes from a fixed seed, as ``val_<term>`` (for losses.png and TensorBoard).
+    ``patch_d`` (D's per-pixel loss on shape negatives) has no held-out counterpart."""
+    was_training = model.training
+    model.eval()
+    x = x[:n].to(device)
+    mu, logvar = model.encoder(x)
+    x_rec = model.generator(mu)
+    z = torch.randn(len(x), mu.shape[1], generator=torch.Generator().manual_seed(0)).to(device)
+    x_prior = model.generator(z)
+    logits, feats, _ = model.discriminator(torch.cat([x, x_rec, x_prior]))
+    logit_real, logit_rec, logit_prior = logits.chunk(3)
+    feat_real, feat_rec, _ = feats.chunk(3)
+    rec_feature, rec_pixel = losses.recon(x, x_rec, feat_real, feat_rec)
+    model.train(was_training)
+    return {
+        "val_kl": float(losses.kl(mu, logvar)),
+        "val_recon_feature": float(rec_feature),
+        "val_recon_pixel": float(rec_pixel),
+        "val_adv_g": float(losses.adv.generator_loss(logit_rec, logit_prior)),
+        "val_adv_d": float(losses.adv.discriminator_loss(logit_real, logit_rec, logit_prior)),
+    }
+
+
+@torch.no_grad()
+def _epoch_pictures(model: VAEGAN, x_fixed: torch.Tensor, z_fixed: torch.Tensor, run_dir: Path, epoch: int) -> None:
+    """Prior samples of the fixed codes and reconstructions of the fixed held-out images."""
+    from vaegan.trainer.pictures import write_epoch_row
+
+    was_training = model.training
+    model.eval()
+    samples = model.generator(z_fixed).float().cpu().numpy()
+    recs = model.reconstruct(x_fixed).float().cpu().numpy()
+    model.train(was_training)
+    write_epoch_row(run_dir, epoch, samples, recs, x_fixed.float().cpu().numpy())
+
+
 def _validate(model: VAEGAN, x_val: torch.Tensor, x_corrupt: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Reconstruction errors of the selection part of the held-out normals, and how well the
     best weighting separates them from corrupted copies (the label-free model-selection
@@ -151,6 +199,40 @@ def _log_images(writer: Any, model: VAEGAN, x: torch.Tensor, epoch: int) -> None
         writer.add_image(f"images/{tag}", make_grid(imgs.float().cpu(), nrow=8, normalize=True, value_range=(-1, 1)), epoch)
 
 
+def _ids_digest(data: ImageSet) -> str:
+    """What the training images are, in a few characters (ids when the set has them)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if data.ids:
+        h.update("\n".join(map(str, data.ids)).encode())
+    else:
+        h.update(np.ascontiguousarray(data.images[:64]).tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Parallel(torch.nn.Module):
+    """E, G and D, each in its own ``DistributedDataParallel``: train_step's D-then-(E, G)
+    update and its ``backward(inputs=...)`` calls stay as they are, and each network's
+    gradients are averaged over the processes when its own backward runs."""
+
+    def __init__(self, encoder: torch.nn.Module, generator: torch.nn.Module, discriminator: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.generator, self.discriminator = encoder, generator, discriminator
+
+
+def _data_parallel(model: VAEGAN, cfg: TrainConfig, device: torch.device) -> _Parallel:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+
+    def wrap(m: torch.nn.Module, unused: bool = False) -> DDP:
+        return DDP(m, device_ids=ids, find_unused_parameters=unused)
+
+    # with --adv-loss none, D's per-pixel head gets no loss (D only lends its features)
+    return _Parallel(wrap(model.encoder), wrap(model.generator), wrap(model.discriminator, cfg.adv_loss == "none"))
+
+
 def fit(
     cfg: TrainConfig,
     model_cfg: ModelConfig,
@@ -162,19 +244,34 @@ def fit(
     resume: bool = False,
     tensorboard: bool = False,
     progress: bool = True,
+    dist: DistContext | None = None,
+    device: torch.device | None = None,
 ) -> RunResult:
     """Train for ``cfg.epochs`` epochs, checkpointing every epoch to ``run_dir/checkpoints``.
 
     ``selection``: the selection part of the held-out normals, validated every epoch (the
     checkpoint is chosen on it); the calibration part must not be passed here.
+
+    ``dist``: this process's place in a data-parallel job (:func:`trainer.distributed.setup`);
+    each of the ``world_size`` processes trains on ``batch_size / world_size`` rows of every
+    global batch, and only rank 0 validates, logs and writes (checkpoints, TensorBoard).
     """
     from tqdm.auto import tqdm
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = dist or DistContext()
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
+            f"{ctx.world_size} training processes; use a multiple of {ctx.world_size}"
+        )
+    local_batch = cfg.batch_size // ctx.world_size
+    main = ctx.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model, opt, losses = _build(model_cfg, cfg, device)
+    model, opt, losses = _build(model_cfg, cfg, device, ctx)
     history: list[dict[str, float]] = []
     start_epoch = 0
     if resume and (ckpt_dir / "last.pt").is_file():
@@ -186,57 +283,81 @@ def fit(
         opt.load_state_dict(ckpt["optim"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         logger.info("resumed from epoch %d", start_epoch)
+    check_agreement(
+        ctx, train_config=cfg.to_dict(), model_config=model_cfg.to_dict(), image_spec=spec.to_dict(),
+        n_train=len(train), train_ids=_ids_digest(train), start_epoch=start_epoch,
+    )
     ema = None  # the moving average scored, selected and exported (cfg.ema_decay > 0)
     if cfg.ema_decay > 0:
         ema = copy.deepcopy(model).requires_grad_(False)
         if resume and start_epoch > 0 and ckpt.get("ema_state") is not None:
             ema.load_state_dict(model_from_checkpoint(ckpt).to(device).state_dict())
     scored = model if ema is None else ema
+    trained = _data_parallel(model, cfg, device) if ctx.enabled else model
 
     x_train, x_val = to_tensor(train.images, spec), to_tensor(selection.images, spec)
+    z_fixed = torch.randn(8, model_cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     x_corrupt = to_tensor(corrupt(selection.images, seed=cfg.seed)[0], spec)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     writer = None
-    if tensorboard:
+    if tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    dataset = TensorDataset(x_train)
+    # one seeded permutation per epoch, dealt out over the processes: rank r gets rows r, r + N,
+    # ... of every global batch (so 1 process and N processes see the same global batches)
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed * 1000, drop_last=True,
+    )
+    drop_last = len(x_train) > cfg.batch_size
+    steps_per_epoch = len(x_train) // cfg.batch_size if drop_last else 1
     t0 = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # resumable data order
+        sampler.set_epoch(epoch)  # resumable data order
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the same on every rank
         loader = DataLoader(
-            TensorDataset(x_train), batch_size=cfg.batch_size, shuffle=True, drop_last=len(x_train) > cfg.batch_size,
-            generator=gen, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+            dataset, batch_size=local_batch, sampler=sampler, drop_last=drop_last,
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         )
         sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, disable=None if progress else True, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
+                   disable=None if progress and main else True, leave=False)
         for step, (x,) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            mask = None
-            if cfg.mask_prob > 0 and torch.rand(1, generator=gen).item() < cfg.mask_prob:
-                mask = random_masks(len(x), spec.height, generator=gen).to(device)
-            terms = train_step(model, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise,
-                               d_negatives=cfg.negative_kinds)
+            masked = cfg.mask_prob > 0 and torch.rand(1, generator=gen).item() < cfg.mask_prob
+            noise = StepNoise.seeded(int(torch.randint(0, 2**62, (1,), generator=gen)), ctx.rank, ctx.world_size)
+            mask = noise.masks(len(x), spec.height).to(device) if masked else None
+            terms = train_step(trained, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise,
+                               d_negatives=cfg.negative_kinds, noise=noise, input_noise=cfg.input_noise)
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay, epoch * steps_per_epoch + step)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
+            if main:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()}, refresh=False)
             if writer is not None:
                 for k, v in terms.items():
                     writer.add_scalar(f"train/{k}", v, epoch * steps_per_epoch + step)
         n_steps = max(1, step + 1)
-        row = {"epoch": epoch + 1, **{k: v / n_steps for k, v in sums.items()}, **_validate(scored, x_val, x_corrupt, device)}
+        row = {"epoch": epoch + 1, **{k: v / n_steps for k, v in sums.items()}}
+        if not main:  # rank 0 validates and writes; the others wait for it at the barrier
+            history.append(row)
+            ctx.barrier()
+            continue
+        row.update(_validate(scored, x_val, x_corrupt, device))
+        row.update(heldout_losses(scored, x_val, losses, device))
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
+        _epoch_pictures(scored, x_val[:8].to(device), z_fixed, run_dir, epoch + 1)
         logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         if writer is not None:
-            for k in ("val_pixel", "val_feature"):
-                writer.add_scalar(f"val/{k}", row[k], epoch + 1)
+            for k, v in row.items():
+                if k.startswith("val_"):
+                    writer.add_scalar(f"val/{k[4:]}", v, epoch + 1)
             _log_images(writer, scored, x_val[:16].to(device), epoch + 1)
         payload = {
             "model_config": model_cfg.to_dict(),
@@ -247,9 +368,16 @@ def fit(
             "state": network_states(model),
             "optim": opt.state_dict(),
             "ema_state": None if ema is None else network_states(ema),
+            "distributed": ctx.record(),
         }
         save_checkpoint(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", payload)
         save_checkpoint(ckpt_dir / "last.pt", payload)
+        ctx.barrier()
     if writer is not None:
         writer.close()
+    if main:
+        from vaegan.trainer.pictures import write_losses_png, write_samples_png
+
+        write_losses_png(run_dir, history)
+        write_samples_png(run_dir)
     return RunResult(run_dir, ckpt_dir / "last.pt", cfg.epochs, history, time.perf_counter() - t0)

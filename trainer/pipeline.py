@@ -37,6 +37,7 @@ class TrainOutcome:
     run: RunResult
     bundle_dir: Path
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True  # False on ranks > 0 of a torchrun job: they train but write nothing
 
 
 @dataclass
@@ -141,10 +142,13 @@ def select_checkpoint(run: RunResult, how: str) -> Path:
 
 
 def training_summary(
-    cfg: TrainConfig, history: list[dict[str, float]], n_train: int, n_val: int, n_selection: int = 0
+    cfg: TrainConfig, history: list[dict[str, float]], n_train: int, n_val: int, n_selection: int = 0,
+    distributed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest's ``training`` block (``n_val``: the calibration part's size)."""
+    """The manifest's ``training`` block (``n_val``: the calibration part's size;
+    ``distributed``: world size and backend of the run, :meth:`DistContext.record`)."""
     last = history[-1] if history else {}
+    distributed = distributed or {"world_size": 1, "backend": None}
     return {
         "dataset": cfg.dataset,
         "normal_class": cfg.normal_class,
@@ -155,6 +159,8 @@ def training_summary(
         "n_calibration": n_val,
         "losses": {k: v for k, v in last.items() if k not in ("epoch", "seconds")},
         "train_seconds": last.get("seconds"),
+        "world_size": int(distributed.get("world_size", 1)),
+        "backend": distributed.get("backend"),
         "train_config": cfg.to_dict(),
     }
 
@@ -181,6 +187,7 @@ def _bundle_from_checkpoint(
     training = training_summary(
         cfg, list(ckpt["history"]), n_train,
         0 if split is None else len(split.calibration), 0 if split is None else len(split.selection),
+        ckpt.get("distributed"),
     )
     training["selected_checkpoint"] = source
     default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
@@ -228,7 +235,25 @@ def train_and_export(
     The selection part validates every epoch and chooses the checkpoint and weights; the
     calibration part only sets the threshold. Guard-rail warnings (collapsed generator,
     calibration set too small) are logged loudly and returned in ``TrainOutcome.warnings``.
+
+    Under ``torchrun`` every process trains its share of each global batch
+    (:mod:`trainer.distributed`); rank 0 alone selects, exports and calibrates, and the other
+    ranks return an outcome with ``is_main=False`` once training is over.
     """
+    from vaegan.trainer.distributed import setup, teardown
+
+    ctx, device = setup(cfg.device)
+    try:
+        return _train_and_export(cfg, model_cfg, spec, run_dir, name=name, resume=resume, tensorboard=tensorboard,
+                                 progress=progress, ctx=ctx, device=device)
+    finally:
+        teardown(ctx)
+
+
+def _train_and_export(
+    cfg: TrainConfig, model_cfg: ModelConfig, spec: ImageSpec, run_dir: Path, *, name: str | None, resume: bool,
+    tensorboard: bool, progress: bool, ctx: Any, device: Any,
+) -> TrainOutcome:
     split = load_split(cfg, spec)
     train = split.train
     logger.info(
@@ -238,8 +263,11 @@ def train_and_export(
     fill = tuple(float(v) for v in (train.images.reshape(-1, spec.channels).mean(0) / 255.0))
     spec = dataclasses.replace(spec, fill=fill)
 
-    run = fit(cfg, model_cfg, spec, train, split.selection, run_dir, resume=resume, tensorboard=tensorboard, progress=progress)
+    run = fit(cfg, model_cfg, spec, train, split.selection, run_dir, resume=resume, tensorboard=tensorboard,
+              progress=progress, dist=ctx, device=device)
     bundle_dir = run_dir / "bundle"
+    if not ctx.is_main:
+        return TrainOutcome(run, bundle_dir, is_main=False)
     chosen = select_checkpoint(run, cfg.select_checkpoint)
     from vaegan.trainer.checkpoint import load_checkpoint
 

@@ -7,15 +7,51 @@ minimizes the reconstruction + the adversarial term. D is updated first, on deta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss, reparameterize
+from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss
 from vaegan.trainer.config import NEGATIVE_KINDS
 
-__all__ = ["Losses", "Optimizers", "patch_loss", "random_masks", "shape_negatives", "train_step"]
+__all__ = ["Losses", "Optimizers", "StepNoise", "patch_loss", "random_masks", "shape_negatives", "train_step"]
+
+
+@dataclass
+class StepNoise:
+    """The random draws of one training step, made for the whole global batch and cut to this
+    process's rows, so N data-parallel processes draw what one process with the same global
+    batch would (see :mod:`trainer.distributed`).
+
+    Rank ``r`` of ``world_size`` holds rows ``r, r + world_size, ...`` of the global batch (the
+    order ``DistributedSampler`` deals them in). Every rank must seed ``generator`` alike.
+    """
+
+    generator: torch.Generator
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def seeded(cls, seed: int, rank: int = 0, world_size: int = 1) -> StepNoise:
+        return cls(torch.Generator().manual_seed(seed), rank, world_size)
+
+    def _rows(self, full: torch.Tensor) -> torch.Tensor:
+        return full[self.rank :: self.world_size]
+
+    def randn(self, like: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) noise shaped, typed and placed like ``like`` (B local rows first)."""
+        full = torch.randn((like.shape[0] * self.world_size, *like.shape[1:]), generator=self.generator)
+        return self._rows(full).to(like.device, like.dtype)
+
+    def seeds(self, n: int) -> list[int]:
+        """One seed per local row, for draws made image by image."""
+        return self._rows(torch.randint(0, 2**62, (n * self.world_size,), generator=self.generator)).tolist()
+
+    def masks(self, n: int, size: int) -> torch.Tensor:
+        """:func:`random_masks` for the local rows: float (n, 1, size, size)."""
+        return self._rows(random_masks(n * self.world_size, size, generator=self.generator))
 
 
 @dataclass
@@ -102,7 +138,8 @@ def _local_defect(img: torch.Tensor, generator: torch.Generator | None) -> torch
 
 
 def shape_negatives(
-    x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None
+    x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real images made wrong in shape but not in texture, one of ``kinds`` per image: negative
     data augmentation (Sinha et al. 2021) that D must call fake. x: normalized (B, C, H, W).
@@ -114,16 +151,22 @@ def shape_negatives(
     ``local``: one small defect (1-5% of the side: a blob, a thin line, a copied patch or a dark
     spot) on the image's content, as real defects on photographed parts are.
 
+    Each image draws from its own generator, seeded by ``seeds[i]`` (drawn from ``generator``
+    when not given), so an image's negative does not depend on which process holds it; ``paste``
+    takes its strokes from the next image of the same (local) batch.
+
     Returns (altered images, float masks (B, 1, H, W): 1 where the image was altered), so D's
     per-pixel head learns *where* an image is wrong.
     """
     b, _, h, w = x.shape
     out = x.clone()
     masks = torch.zeros(b, 1, h, w)
-    pick = torch.randint(0, len(kinds), (b,), generator=generator)
-    coin = torch.rand(b, generator=generator)
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (b,), generator=generator).tolist()
     for i in range(b):
-        kind = kinds[int(pick[i])]
+        generator = torch.Generator().manual_seed(int(seeds[i]))
+        kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=generator))]
+        coin = float(torch.rand(1, generator=generator))
         if kind == "erase":
             t, lf, bh, bw = _box(h, w, generator)
             out[i, :, t : t + bh, lf : lf + bw] = x[i].flatten(1).median(dim=1).values[:, None, None]
@@ -136,10 +179,10 @@ def shape_negatives(
             out[i, :, t : t + bh, lf : lf + bw] = torch.maximum(region, x[(i + 1) % b, :, st : st + bh, sl : sl + bw])
             masks[i, :, t : t + bh, lf : lf + bw] = 1.0
         elif kind == "swap":
-            out[i] = torch.roll(x[i], h // 2, dims=1) if coin[i] < 0.5 else torch.roll(x[i], w // 2, dims=2)
+            out[i] = torch.roll(x[i], h // 2, dims=1) if coin < 0.5 else torch.roll(x[i], w // 2, dims=2)
             masks[i] = 1.0
         elif kind == "rot":
-            out[i] = torch.rot90(x[i], 1 if coin[i] < 0.5 else 3, dims=(1, 2))
+            out[i] = torch.rot90(x[i], 1 if coin < 0.5 else 3, dims=(1, 2))
             masks[i] = 1.0
         elif kind == "local":
             masks[i, 0] = _local_defect(out[i], generator).float()
@@ -148,10 +191,26 @@ def shape_negatives(
     return out.to(x.device), masks.to(x.device, x.dtype)
 
 
+def _global_count(weights: torch.Tensor) -> torch.Tensor:
+    """The number of pixels ``weights`` selects in the whole global batch, divided by the number
+    of data-parallel processes (1 without torchrun). A sum over local pixels divided by it,
+    averaged over the processes (as DDP averages gradients), is the global batch's mean."""
+    count = weights.detach().sum()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp_min(1.0)
+
+
 def patch_loss(real: torch.Tensor | None, fakes: list[torch.Tensor], negatives: torch.Tensor | None, neg_masks: torch.Tensor | None) -> torch.Tensor:
     """BCE of D's per-pixel logits (B, 1, H, W): real images real everywhere, reconstructions and
     prior samples fake everywhere, shape negatives fake inside their masks and real outside.
-    The masked and unmasked pixels of the negatives weigh half each (masks are small)."""
+    The masked and unmasked pixels of the negatives weigh half each (masks are small); each is
+    a mean over all such pixels of the global batch (:func:`_global_count`), so data-parallel
+    shards average to the loss of one process holding the whole batch."""
     if real is None:
         return torch.zeros(())
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -159,8 +218,8 @@ def patch_loss(real: torch.Tensor | None, fakes: list[torch.Tensor], negatives: 
     terms += [bce(f, torch.zeros_like(f)) for f in fakes]
     if negatives is not None and neg_masks is not None:
         per_pixel = bce(negatives, 1.0 - neg_masks, reduction="none")
-        inside = (per_pixel * neg_masks).sum() / neg_masks.sum().clamp_min(1.0)
-        outside = (per_pixel * (1 - neg_masks)).sum() / (1 - neg_masks).sum().clamp_min(1.0)
+        inside = (per_pixel * neg_masks).sum() / _global_count(neg_masks)
+        outside = (per_pixel * (1 - neg_masks)).sum() / _global_count(1 - neg_masks)
         terms.append(0.5 * (inside + outside))
     return sum(terms) / len(terms)
 
@@ -187,6 +246,8 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     d_noise: float = 0.0,
     d_negatives: tuple[str, ...] = (),
+    noise: StepNoise | None = None,
+    input_noise: float = 0.0,
 ) -> dict[str, float]:
     """One update of D, then of E and G, on a normalized batch x (B, C, H, W).
 
@@ -194,28 +255,38 @@ def train_step(
     zeros (the normalized dataset mean) and the loss targets the whole image, which teaches the
     model to complete holes in one pass. ``d_noise`` > 0 adds Gaussian instance noise of that
     std to every input of D's own update (not to E/G's pass), so D cannot win on fine texture
-    alone. Returns the named loss terms as floats.
+    alone. ``input_noise`` > 0 is the denoising variant: the encoder sees x plus Gaussian
+    noise of that std (normalized units) while every loss targets the clean x.
+    ``noise``: where the step's random draws come from (default: seeded from torch's
+    global generator); data-parallel ranks pass generators seeded alike.
+
+    ``model``'s networks may be wrapped in ``DistributedDataParallel``: D's second pass (E/G's
+    loss) runs the unwrapped D, as D gets no gradient there. Returns the named loss terms.
     """
     E, G, D = model.encoder, model.generator, model.discriminator
+    D_plain = getattr(D, "module", D)  # DDP's inner module: no gradient sync for E/G's pass
     device_type = x.device.type
     amp = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    x_in = masked_input(x, mask) if mask is not None else x
+    if noise is None:
+        noise = StepNoise.seeded(int(torch.randint(0, 2**62, (1,))))
+    x_in = x + input_noise * noise.randn(x) if input_noise > 0 else x
+    x_in = masked_input(x_in, mask) if mask is not None else x_in
 
     # ---- discriminator: real vs reconstruction vs prior sample -------------------------
     with amp:
         mu, logvar = E(x_in)
-        z = reparameterize(mu, logvar)
+        z = mu + noise.randn(mu) * torch.exp(0.5 * logvar)  # reparameterization
         x_rec = G(z)
-        x_prior = G(torch.randn_like(mu))
+        x_prior = G(noise.randn(mu))
         # D has no batch statistics, so one call on the three batches equals three calls
         parts = [x, x_rec.detach(), x_prior.detach()]
         neg_masks = None
         if d_negatives:
-            negatives, neg_masks = shape_negatives(x, d_negatives)
+            negatives, neg_masks = shape_negatives(x, d_negatives, seeds=noise.seeds(len(x)))
             parts.append(negatives)
         d_in = torch.cat(parts)  # (3B or 4B, C, H, W)
         if d_noise > 0:
-            d_in = d_in + d_noise * torch.randn_like(d_in)
+            d_in = d_in + d_noise * torch.cat([noise.randn(p) for p in parts])
         logits, _, patches = D(d_in)  # (3B or 4B, 1), _, (3B or 4B, 1, H, W) or None
         logit_real, *logit_fakes = logits.chunk(len(parts))
         loss_d = losses.adv.discriminator_loss(logit_real, *logit_fakes)
@@ -232,7 +303,7 @@ def train_step(
 
     # ---- encoder and generator -----------------------------------------------------------
     with amp:
-        logits, feats, _ = D(torch.cat([x, x_rec, x_prior]))  # (3B, 1), (3B, F)
+        logits, feats, _ = D_plain(torch.cat([x, x_rec, x_prior]))  # (3B, 1), (3B, F)
         _, logit_rec, logit_prior = logits.chunk(3)
         feat_real, feat_rec, _ = feats.chunk(3)
         kl = losses.kl(mu.float(), logvar.float())

@@ -7,6 +7,7 @@ Errors the user can fix (bad arguments, missing files, a bad bundle) print one l
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -78,6 +79,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="> 0: select, calibrate and export a moving average of the weights (e.g. 0.999)")
     g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")
+    g.add_argument("--input-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="denoising variant: the encoder sees the image plus Gaussian noise of this std "
+                        "(normalized units, images in -1..1); every loss targets the clean image")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 weight decay on the encoder and generator (not D); default %(default)s")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the normal training images held out (never trained on), plus the "
                         "dataset's own validation split where it has one; default %(default)s")
@@ -120,7 +126,7 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
             kl_weight=a.kl_weight, feature_weight=a.feature_weight, pixel_weight=a.pixel_weight,
             adv_weight=a.adv_weight, adv_loss=a.adv_loss, d_lr_scale=a.d_lr_scale, d_noise=a.d_noise,
             d_negatives=a.d_negatives, patch_weight=a.patch_weight, ema_decay=a.ema_decay,
-            mask_prob=a.mask_prob,
+            mask_prob=a.mask_prob, input_noise=a.input_noise, weight_decay=a.weight_decay,
             val_fraction=a.val_fraction, selection_fraction=a.selection_fraction,
             max_train=a.max_train, target_fpr=a.target_fpr,
             seed=a.seed, device=a.device, num_workers=a.num_workers,
@@ -143,6 +149,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         cfg, model_cfg, spec, a.out, name=a.name, resume=a.resume,
         tensorboard=a.tensorboard, progress=not a.no_progress,
     )
+    if not out.is_main:  # a torchrun rank > 0: rank 0 reports
+        return 0
     last = out.run.history[-1] if out.run.history else {}
     print(f"trained {out.run.epochs} epochs in {out.run.seconds:.0f} s "
           f"(val pixel {last.get('val_pixel', float('nan')):.4f}); bundle: {out.bundle_dir}")
@@ -441,7 +449,6 @@ def _inpaint_folder(a: argparse.Namespace) -> int:
     """Every image below ``a.image``, in one model load: out/<relative path>.png (masks matched by
     relative path without extension). Images that fail are named on stderr; exit 3 if any did."""
     import numpy as np
-    from PIL import Image
 
     from vaegan.service.batch.inputs import resolve_inputs
     from vaegan.service.runtime import Runtime, ServiceError
@@ -458,12 +465,7 @@ def _inpaint_folder(a: argparse.Namespace) -> int:
         masks = {_stem(item.id): item.path for item in resolve_inputs([str(a.mask)])}
     rt = Runtime.load(a.model)
     done = failed = 0
-
-    def save(arr: np.ndarray, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).save(tmp, format="PNG")
-        tmp.replace(path)
+    save = functools.partial(_save_image, fmt="PNG")
 
     for start in range(0, len(items), a.batch_size):
         chunk = items[start : start + a.batch_size]
@@ -494,6 +496,19 @@ def _inpaint_folder(a: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failed else 0
 
 
+def _save_image(arr: Any, path: Path, fmt: str | None = None) -> None:
+    """A uint8 image (H, W), (H, W, 1) or (H, W, 3) -> ``path``, written to a temporary file
+    and renamed (never half a file); one channel is saved grey. ``fmt``: a Pillow format
+    name (default: by ``path``'s extension)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fmt = fmt or Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).save(tmp, format=fmt)
+    tmp.replace(path)
+
+
 def _stem(image_id: str) -> str:
     """An image's relative path without its extension: how images meet their masks and outputs."""
     return image_id.rsplit(".", 1)[0]
@@ -508,6 +523,89 @@ def _inpaint_chunk(rt: Any, a: argparse.Namespace, items: list[Any], masks: dict
         return list(zip(items, outs, used, strict=True))
     outs = rt.inpaint(paths, [Path(masks[_stem(item.id)]) for item in items])
     return [(item, out, None) for item, out in zip(items, outs, strict=True)]
+
+
+# ---- sample, interpolate ----------------------------------------------------------------
+# --out names one picture when it ends in one of these (vaegan sample: else a folder of PNGs)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+GUTTER = 2  # pixels between the images of a grid or strip
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="draw new images from a model: one grid picture, or a folder of PNGs",
+        description="Draw images from the generator: z ~ N(0, T^2 I) decoded at the model's size.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--n", type=int, default=64, help="images to draw, 1..1024 (default %(default)s)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the draws: the same seed gives the same images (default: a random one, printed)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="spread of the latent draws, > 0; lower: more typical, less varied (default %(default)s)")
+    p.add_argument("--out", type=Path, required=True,
+                   help=f"an image file ({', '.join(IMAGE_SUFFIXES)}): one square-ish grid; anything else: a "
+                        "folder of sample_00000.png, sample_00001.png, ...")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(a: argparse.Namespace) -> int:
+    from vaegan.service.runtime import Runtime
+    from vaegan.service.runtime.generative import check_n, check_seed, check_temperature, draw_seed
+    from vaegan.service.runtime.visualize import tile
+
+    n, temperature, seed = check_n(a.n), check_temperature(a.temperature), check_seed(a.seed)
+    grid = a.out.suffix.lower() in IMAGE_SUFFIXES
+    if not grid and a.out.exists() and not a.out.is_dir():
+        raise CliError(f"--out {a.out}: not a folder; name an image file ({', '.join(IMAGE_SUFFIXES)}) for a grid")
+    seed = draw_seed() if seed is None else seed
+    images = Runtime.load(a.model).sample(n, seed, temperature)  # uint8 (n, H, W, C)
+    how = f"{n} samples (seed {seed}, temperature {temperature:g})"
+    if grid:
+        cols = math.ceil(math.sqrt(n))
+        _save_image(tile(images, cols, GUTTER), a.out)
+        print(f"wrote {how} as a {math.ceil(n / cols)}x{cols} grid to {a.out}")
+    else:
+        for i, img in enumerate(images):
+            _save_image(img, a.out / f"sample_{i:05d}.png", "PNG")
+        print(f"wrote {how} to {a.out}/sample_00000.png .. sample_{n - 1:05d}.png")
+    return 0
+
+
+def _add_interpolate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "interpolate", help="decode the latent path between two images: one strip picture",
+        description="Encode A and B, walk from mu(A) to mu(B) in --steps, decode; the ends are the reconstructions.",
+    )
+    p.add_argument("image_a", type=Path, metavar="A", help="first image (any size, grey or RGB)")
+    p.add_argument("image_b", type=Path, metavar="B", help="last image")
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--steps", type=int, default=8, help="images on the path, both ends included, 2..256 (default %(default)s)")
+    p.add_argument("--method", choices=["linear", "slerp", "both"], default="linear",
+                   help="along the line or the great circle between the codes; both: two rows, linear then slerp")
+    p.add_argument("--out", type=Path, required=True, help=f"the strip picture ({', '.join(IMAGE_SUFFIXES)})")
+    p.set_defaults(func=_cmd_interpolate)
+
+
+def _cmd_interpolate(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vaegan.service.runtime import Runtime
+    from vaegan.service.runtime.generative import check_steps
+    from vaegan.service.runtime.visualize import tile
+
+    if a.out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CliError(f"--out {a.out}: name an image file ({', '.join(IMAGE_SUFFIXES)})")
+    for path in (a.image_a, a.image_b):
+        if not path.is_file():
+            raise CliError(f"{path}: no such file")
+    steps = check_steps(a.steps)
+    methods = ["linear", "slerp"] if a.method == "both" else [a.method]
+    rt = Runtime.load(a.model)
+    rows = np.concatenate([rt.interpolate(a.image_a, a.image_b, steps, m) for m in methods])  # (R*steps, H, W, C)
+    _save_image(tile(rows, steps, GUTTER), a.out)
+    print(f"wrote {len(methods)} row(s) of {steps} images ({', '.join(methods)}) from {a.image_a} to {a.image_b} "
+          f"to {a.out}")
+    return 0
 
 
 # ---- score (batch) ----------------------------------------------------------------------
@@ -748,8 +846,8 @@ def _fail(msg: str) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_export, _add_calibrate, _add_evaluate, _add_inpaint, _add_score, _add_score_merge,
-    _add_serve, _add_demo,
+    _add_train, _add_export, _add_calibrate, _add_evaluate, _add_inpaint, _add_sample, _add_interpolate,
+    _add_score, _add_score_merge, _add_serve, _add_demo,
 ]
 
 

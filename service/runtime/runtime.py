@@ -5,6 +5,8 @@
     recon = rt.reconstruct(images)  # uint8 (N, H, W, C)
     filled = rt.inpaint(images, masks)
     fixed = rt.repair(images)
+    samples = rt.sample(16, seed=0)           # uint8 (16, H, W, C) drawn from the prior
+    path = rt.interpolate(a, b, steps=8)      # uint8 (8, H, W, C) from G(mu(a)) to G(mu(b))
 
 Numpy and onnxruntime only. The server's dynamic batcher calls :meth:`Runtime.forward_images` on
 merged batches and :meth:`Runtime.score_forward` per request.
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from vaegan.service.runtime import generative
 from vaegan.service.runtime.bundle import GRAPHS, Bundle, load_bundle
 from vaegan.service.runtime.errors import InvalidInput, ModelNotReady
 from vaegan.service.runtime.inpaint import (
@@ -147,7 +150,7 @@ class ScoreResult:
 
 
 class Runtime:
-    """Scores, reconstructs and inpaints images with a bundle's three ONNX graphs."""
+    """Scores, reconstructs, inpaints and samples images with a bundle's three ONNX graphs."""
 
     def __init__(
         self,
@@ -407,6 +410,34 @@ class Runtime:
             mask_to_input(m, o.shape[0], o.shape[1], self.spec) for m, o in zip(masks_small, originals, strict=True)
         ]
         return self._inpaint_originals(originals, masks, conversions), masks
+
+    def sample(self, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+        """``n`` images drawn from the model: uint8 (n, H, W, C) at model size.
+
+        z ~ N(0, temperature^2 I) from numpy's ``default_rng(seed)`` (float32 (n, Z)), decoded
+        by the generator in chunks of ``max_batch_size`` and denormalized as reconstructions
+        are. The same seed gives the same images (and a larger ``n`` the same first ones);
+        ``seed=None`` draws fresh ones. ``n`` in 1..1024, ``temperature`` finite and > 0
+        (InvalidInput otherwise); lower temperatures give more typical, less varied images.
+        """
+        z = generative.latent_samples(n, self.bundle.latent_dim, seed, temperature)
+        return generative.decode_latents(self.graphs["generator"], z, self.spec, self.max_batch_size)
+
+    def interpolate(self, a: ImageLike, b: ImageLike, steps: int = 8, method: str = "linear") -> np.ndarray:
+        """The decoded path between two images' codes: uint8 (steps, H, W, C) at model size.
+
+        ``a`` and ``b`` (any size and mode, as :meth:`score` takes them; errors name them ``a``
+        and ``b``) are preprocessed as for scoring and encoded to mu (float32 (Z,) each); the
+        ``steps`` codes from mu(a) to mu(b), both included, are spaced evenly on the line
+        (``"linear"``) or on the great circle through them (``"slerp"``, which falls back to the
+        line for nearly parallel codes), and decoded. The first and last images are the
+        reconstructions G(mu(a)) and G(mu(b)) (:meth:`reconstruct`). ``steps`` in 2..256.
+        """
+        steps, method = generative.check_steps(steps), generative.check_method(method)
+        ends = [decode_image(img, where=name) for name, img in (("a", a), ("b", b))]
+        mu, _ = self.graphs["encoder"].run(x=self.preprocess(ends))  # (2, Z)
+        z = generative.latent_path(mu[0], mu[1], steps, method)
+        return generative.decode_latents(self.graphs["generator"], z, self.spec, self.max_batch_size)
 
     # ---- helpers ------------------------------------------------------------------------
     def _originals(self, images: Sequence[ImageLike] | np.ndarray) -> tuple[list[np.ndarray], list[str]]:

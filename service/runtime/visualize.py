@@ -1,4 +1,4 @@
-"""Pictures from numpy arrays with Pillow: heat maps and input/reconstruction/map grids."""
+"""Pictures from numpy arrays with Pillow: heat maps, input/reconstruction/map grids and tiles."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["heatmap", "save_grid"]
+__all__ = ["heatmap", "save_grid", "tile"]
 
 # a small perceptual colormap (dark blue -> red -> yellow), interpolated
 _STOPS = np.array([[0, 0, 32], [40, 0, 120], [180, 20, 80], [250, 120, 0], [255, 240, 60]], np.float32)
@@ -22,6 +22,20 @@ def heatmap(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
     lo = np.floor(t).astype(int).clip(0, len(_STOPS) - 2)
     frac = (t - lo)[..., None]
     return np.rint(_STOPS[lo] * (1 - frac) + _STOPS[lo + 1] * frac).astype(np.uint8)
+
+
+def tile(images: np.ndarray, cols: int, gutter: int = 2, fill: int = 255) -> np.ndarray:
+    """Images uint8 (N, H, W, C) laid out row by row, ``cols`` per row, ``gutter`` pixels apart:
+    one uint8 picture (R*H + (R-1)*gutter, cols*W + (cols-1)*gutter, C) with R = ceil(N / cols);
+    gutters and empty cells are ``fill``."""
+    n, h, w, c = images.shape
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    out = np.full((rows * h + (rows - 1) * gutter, cols * w + (cols - 1) * gutter, c), fill, np.uint8)
+    for i, img in enumerate(images):
+        top, left = (i // cols) * (h + gutter), (i % cols) * (w + gutter)
+        out[top : top + h, left : left + w] = img
+    return out
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:

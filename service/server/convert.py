@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
-from vaegan.service.runtime import InvalidInput, ResourceExhausted, Runtime, ScoreResult
+from vaegan.service.runtime import InvalidInput, ResourceExhausted, Runtime, ScoreResult, generative
 from vaegan.service.runtime.preprocess import (
     DEFAULT_IMAGE_FORMATS,
     ImageSpec,
@@ -34,25 +34,35 @@ from vaegan.service.server.codec import array_to_png, array_to_tensor, tensor_to
 from vaegan.service.server.config import ServiceConfig
 
 __all__ = [
+    "ENDS",
     "MAX_ID_BYTES",
     "Abandoned",
+    "InterpolateArgs",
     "Limits",
     "PixelBudget",
+    "SampleArgs",
     "ScoreOptions",
     "check_count",
     "check_ids",
+    "decode_ends",
     "decode_images",
+    "declared_end_pixels",
     "declared_pixels",
     "check_response_size",
     "decode_masks",
     "full_scale",
+    "images_floor_bytes",
     "inpaint_response",
+    "interpolate_args",
+    "interpolate_response",
     "model_batch",
     "model_info",
     "model_inputs",
     "name_image",
     "raw_model_batch",
     "response_floor_bytes",
+    "sample_args",
+    "sample_response",
     "score_options",
     "score_response",
 ]
@@ -110,12 +120,14 @@ class ScoreOptions:
 MAX_ID_BYTES = 256  # longer image ids are refused: they are echoed into logs and errors
 
 
-def name_image(i: int, image_id: str, what: str = "image") -> str:
-    """How errors name an image: ``image 3 (id 'cat.png')``; a long id is cut to 64 characters."""
+def name_image(i: int | None, image_id: str, what: str = "image") -> str:
+    """How errors name an image: ``image 3 (id 'cat.png')``; a long id is cut to 64 characters.
+    ``i`` None: a single image field, named by ``what`` alone (``a (id 'cat.png')``)."""
+    name = what if i is None else f"{what} {i}"
     if not image_id:
-        return f"{what} {i}"
+        return name
     shown = image_id if len(image_id) <= 64 else image_id[:61] + "..."
-    return f"{what} {i} (id {shown!r})"
+    return f"{name} (id {shown!r})"
 
 
 def check_ids(images: Sequence[pb.Image], what: str = "image") -> None:
@@ -434,6 +446,92 @@ def inpaint_response(ids: Sequence[str], filled: list[np.ndarray], fmt: int) -> 
     return pb.InpaintResponse(
         results=[pb.InpaintedImage(id=i, image=_picture(f, fmt)) for i, f in zip(ids, filled, strict=True)]
     )
+
+
+# ---- Sample and Interpolate ----------------------------------------------------------------
+ENDS = ("a", "b")  # the InterpolateRequest fields holding the two images, in path order
+
+
+@dataclass(frozen=True)
+class SampleArgs:
+    """A validated ``vaegan.v1.SampleRequest``."""
+
+    n: int
+    seed: int  # the request's, or one drawn for it (returned in SampleResponse.seed)
+    temperature: float
+    image_format: int
+
+
+@dataclass(frozen=True)
+class InterpolateArgs:
+    """A validated ``vaegan.v1.InterpolateRequest`` (its images are decoded by :func:`decode_ends`)."""
+
+    steps: int
+    method: str
+    image_format: int
+
+
+def sample_args(request: pb.SampleRequest, limits: Limits) -> SampleArgs:
+    """n in 1..1024 (then ``--max-images-per-request``: RESOURCE_EXHAUSTED), a finite
+    temperature > 0 (0 = 1.0), a known image format; an unset seed is drawn here."""
+    n = generative.check_n(request.n)
+    check_count(n, limits, "n")
+    temperature = generative.check_temperature(request.temperature or 1.0)
+    seed = request.seed if request.HasField("seed") else generative.draw_seed()
+    return SampleArgs(n, seed, temperature, _format(request.image_format, "image_format"))
+
+
+def interpolate_args(request: pb.InterpolateRequest, limits: Limits) -> InterpolateArgs:
+    """steps in 2..256 (0 = 8; then ``--max-images-per-request``), method ``linear`` (also
+    when empty) or ``slerp``, a known image format, image ids of at most MAX_ID_BYTES."""
+    steps = generative.check_steps(request.steps or generative.DEFAULT_STEPS)
+    check_count(steps, limits, "steps")
+    method = generative.check_method(request.method or "linear")
+    for field in ENDS:
+        img = getattr(request, field)
+        size = len(img.id.encode("utf-8"))
+        if size > MAX_ID_BYTES:
+            raise InvalidInput(f"{name_image(None, img.id, field)}: the id is {size} bytes; at most {MAX_ID_BYTES}")
+    return InterpolateArgs(steps, method, _format(request.image_format, "image_format"))
+
+
+def declared_end_pixels(request: pb.InterpolateRequest, limits: Limits) -> int:
+    """:func:`declared_pixels` of the two images ``a`` and ``b`` (errors name the field)."""
+    budget = PixelBudget(limits)
+    for field in ENDS:
+        img = getattr(request, field)
+        where = name_image(None, img.id, field)
+        _check_pixels(*_declared_size(img, where, limits), where, limits, budget)
+    return budget.spent
+
+
+def decode_ends(
+    request: pb.InterpolateRequest, limits: Limits, abandoned: threading.Event | None = None
+) -> list[np.ndarray]:
+    """The images ``a`` and ``b`` decoded at their own size: uint8 (H, W) or (H, W, 3) each."""
+    budget = PixelBudget(limits)
+    out = []
+    for field in ENDS:
+        _check_abandoned(abandoned)
+        img = getattr(request, field)
+        out.append(_decode_one(img, name_image(None, img.id, field), limits, budget))
+    return out
+
+
+def images_floor_bytes(n: int, spec: ImageSpec, fmt: int) -> int:
+    """The bytes of ``n`` model-size images in a response, known before any work for raw
+    tensors (PNG sizes are not known in advance: 0)."""
+    return n * spec.height * spec.width * spec.channels if fmt == pb.IMAGE_FORMAT_RAW else 0
+
+
+def sample_response(images: np.ndarray, fmt: int, seed: int) -> pb.SampleResponse:
+    """uint8 (n, H, W, C) samples -> SampleResponse (``fmt``: a validated ImageFormat)."""
+    return pb.SampleResponse(images=[_picture(im, fmt) for im in images], seed=seed)
+
+
+def interpolate_response(images: np.ndarray, fmt: int) -> pb.InterpolateResponse:
+    """uint8 (steps, H, W, C) path images -> InterpolateResponse."""
+    return pb.InterpolateResponse(images=[_picture(im, fmt) for im in images])
 
 
 def model_info(rt: Runtime, config: ServiceConfig) -> pb.ModelInfo:

@@ -1,11 +1,11 @@
 """The ``vaegan.v1.OutlierService`` servicer: validate, convert, delegate, convert back.
 
-Decoding and resizing (and inpainting) run on ``decode_pool``, after the request's headers
-have reserved their pixels in the server-wide budget (:mod:`service.server.budget`); re-scoring
-and response pictures on ``respond_pool``. Model runs go through the
-:class:`~service.server.batcher.DynamicBatcher`, which also scores each merged batch with the
-model's defaults (:mod:`service.server.pipeline`). Errors are raised as ServiceErrors and mapped to status codes by the
-interceptor; nothing here touches status codes.
+Decoding and resizing (and inpainting, sampling and interpolation) run on ``decode_pool``,
+after the request's headers have reserved their pixels in the server-wide budget
+(:mod:`service.server.budget`); re-scoring and response pictures on ``respond_pool``. Model
+runs go through the :class:`~service.server.batcher.DynamicBatcher`, which also scores each
+merged batch with the model's defaults (:mod:`service.server.pipeline`). Errors are raised as
+ServiceErrors and mapped to status codes by the interceptor; nothing here touches status codes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from vaegan.protos.vaegan.v1 import outlier_service_pb2 as pb
 from vaegan.protos.vaegan.v1 import outlier_service_pb2_grpc as pb_grpc
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["OutlierService"]
 SERVICE_NAME = SERVICE.full_name  # vaegan.v1.OutlierService
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 # requests of at most this many images take no hop to a worker thread when the work is a few
 # microseconds per image: raw uint8 tensors at model size are read on the event loop, and
 # responses without pictures are built there (the hop would cost more than the work)
@@ -48,7 +50,7 @@ INLINE_MAX = 8
 
 
 class OutlierServicer(pb_grpc.OutlierServiceServicer):
-    """Implements the four RPCs on top of a :class:`LoadedModel` (UNAVAILABLE until attached)."""
+    """Implements the RPCs on top of a :class:`LoadedModel` (UNAVAILABLE until attached)."""
 
     def __init__(
         self, config: ServiceConfig, decode_pool: Executor, respond_pool: Executor, metrics: ServerMetrics,
@@ -231,6 +233,52 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         masks = convert.decode_masks(request.masks, request.images, images, self.limits, budget)
         filled = rt.inpaint(images, masks)
         return convert.inpaint_response([img.id for img in request.images], filled, request.image_format)
+
+    # ---- Sample and Interpolate: the generator on the decode pool, as Inpaint ------------
+    async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
+        with self.models.use(request.model_name, request.model_version) as model:
+            args = convert.sample_args(request, self.limits)
+            self._check_images_floor(args.n, model.runtime, args.image_format)
+            response = await self._in_pool(self.decode_pool, self._sample, model.runtime, args)
+        response.model_name, response.model_version = model.name, model.version
+        self.metrics.images.labels("Sample", model.name, model.version).inc(args.n)  # images drawn
+        return response
+
+    def _sample(self, rt: Runtime, args: convert.SampleArgs) -> pb.SampleResponse:
+        images = rt.sample(args.n, args.seed, args.temperature)
+        return self._checked_size(convert.sample_response(images, args.image_format, args.seed), args.image_format)
+
+    async def Interpolate(
+        self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InterpolateResponse:
+        with self.models.use(request.model_name, request.model_version) as model:
+            args = convert.interpolate_args(request, self.limits)
+            self._check_images_floor(args.steps, model.runtime, args.image_format)
+            pixels = await self._in_pool(self.decode_pool, convert.declared_end_pixels, request, self.limits)
+            async with self.inflight.reserve(pixels):
+                response = await self._decoding(self._interpolate, request, model.runtime, args)
+        response.model_name, response.model_version = model.name, model.version
+        self.metrics.images.labels("Interpolate", model.name, model.version).inc(args.steps)  # images decoded
+        return response
+
+    def _interpolate(
+        self, request: pb.InterpolateRequest, rt: Runtime, args: convert.InterpolateArgs,
+        abandoned: threading.Event | None = None,
+    ) -> pb.InterpolateResponse:
+        a, b = convert.decode_ends(request, self.limits, abandoned)
+        images = rt.interpolate(a, b, args.steps, args.method)
+        return self._checked_size(convert.interpolate_response(images, args.image_format), args.image_format)
+
+    def _check_images_floor(self, n: int, rt: Runtime, fmt: int) -> None:
+        """Refuse before any work a response of ``n`` raw model-size images that cannot be sent."""
+        floor = convert.images_floor_bytes(n, rt.spec, fmt)
+        convert.check_response_size(floor, self.config.max_message_bytes, known_before=True)
+
+    def _checked_size(self, response: M, fmt: int) -> M:
+        """``response``; PNG sizes are known only now: a clear refusal, not gRPC's send error."""
+        if fmt != pb.IMAGE_FORMAT_RAW:
+            convert.check_response_size(response.ByteSize(), self.config.max_message_bytes, known_before=False)
+        return response
 
     # ---- GetModelInfo -------------------------------------------------------------------
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

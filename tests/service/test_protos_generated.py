@@ -39,5 +39,7 @@ def test_generated_modules_import_under_the_repo_package() -> None:
     assert pb.DESCRIPTOR.name == "protos/vaegan/v1/outlier_service.proto"
     assert pb.DESCRIPTOR.package == "vaegan.v1"
     service = pb.DESCRIPTOR.services_by_name["OutlierService"]
-    assert [m.name for m in service.methods] == ["Score", "ScoreStream", "Inpaint", "GetModelInfo", "ListModels"]
+    assert [m.name for m in service.methods] == [
+        "Score", "ScoreStream", "Inpaint", "GetModelInfo", "ListModels", "Sample", "Interpolate",
+    ]
     assert hasattr(pb_grpc, "OutlierServiceStub")

@@ -171,6 +171,62 @@ class InpaintResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[InpaintedImage]
     def __init__(self, results: _Optional[_Iterable[_Union[InpaintedImage, _Mapping]]] = ...) -> None: ...
 
+class SampleRequest(_message.Message):
+    __slots__ = ("n", "seed", "temperature", "image_format", "model_name", "model_version")
+    N_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    seed: int
+    temperature: float
+    image_format: ImageFormat
+    model_name: str
+    model_version: str
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class SampleResponse(_message.Message):
+    __slots__ = ("images", "seed", "model_name", "model_version")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    seed: int
+    model_name: str
+    model_version: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class InterpolateRequest(_message.Message):
+    __slots__ = ("a", "b", "steps", "method", "image_format", "model_name", "model_version")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    a: Image
+    b: Image
+    steps: int
+    method: str
+    image_format: ImageFormat
+    model_name: str
+    model_version: str
+    def __init__(self, a: _Optional[_Union[Image, _Mapping]] = ..., b: _Optional[_Union[Image, _Mapping]] = ..., steps: _Optional[int] = ..., method: _Optional[str] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class InterpolateResponse(_message.Message):
+    __slots__ = ("images", "model_name", "model_version")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    model_name: str
+    model_version: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model_name", "model_version")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,16 @@ class OutlierServiceStub:
                 request_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Sample = channel.unary_unary(
+                '/vaegan.v1.OutlierService/Sample',
+                request_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.SampleRequest.SerializeToString,
+                response_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.SampleResponse.FromString,
+                _registered_method=True)
+        self.Interpolate = channel.unary_unary(
+                '/vaegan.v1.OutlierService/Interpolate',
+                request_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.InterpolateRequest.SerializeToString,
+                response_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.InterpolateResponse.FromString,
+                _registered_method=True)
 
 
 class OutlierServiceServicer:
@@ -104,6 +114,22 @@ class OutlierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sample(self, request, context):
+        """Draws new images from the model: latent codes z ~ N(0, temperature^2 I) decoded by the
+        generator. The same seed, model and n give the same images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Interpolate(self, request, context):
+        """Decodes the path between two images' latent codes (the encoder's mu), both ends included:
+        the first and last images are the reconstructions of a and b.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutlierServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +157,16 @@ def add_OutlierServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsRequest.FromString,
                     response_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Sample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.SampleRequest.FromString,
+                    response_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.SampleResponse.SerializeToString,
+            ),
+            'Interpolate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Interpolate,
+                    request_deserializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.InterpolateRequest.FromString,
+                    response_serializer=protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.InterpolateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +306,60 @@ class OutlierService:
             '/vaegan.v1.OutlierService/ListModels',
             protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsRequest.SerializeToString,
             protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vaegan.v1.OutlierService/Sample',
+            protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.SampleRequest.SerializeToString,
+            protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.SampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Interpolate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vaegan.v1.OutlierService/Interpolate',
+            protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.InterpolateRequest.SerializeToString,
+            protos_dot_vaegan_dot_v1_dot_outlier__service__pb2.InterpolateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,97 @@
+"""Training variants (denoising input, weight decay) and the pictures a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
+from vaegan.service.runtime import Runtime
+from vaegan.trainer.config import TrainConfig
+from vaegan.trainer.data import load_dataset
+from vaegan.trainer.loop import _build
+from vaegan.trainer.pipeline import image_spec_for, train_and_export
+from vaegan.trainer.step import Losses, Optimizers, StepNoise, train_step
+
+TINY_MODEL = {"num_channels": 3, "image_size": 32, "latent_dim": 8, "base_width": 8}
+
+
+def _step_setup(seed: int = 0) -> tuple[VAEGAN, Optimizers, Losses]:
+    torch.manual_seed(seed)
+    m = VAEGAN(ModelConfig(**TINY_MODEL))
+    opt = Optimizers(*(torch.optim.Adam(n.parameters(), 1e-3) for n in (m.encoder, m.generator, m.discriminator)))
+    losses = Losses(KLDivergence(1e-3), ReconstructionLoss(), AdversarialLoss("lsgan", 0.01))
+    return m, opt, losses
+
+
+def test_input_noise_reaches_the_encoder_only_and_the_losses_target_the_clean_image() -> None:
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    m, opt, losses = _step_setup()
+    seen: dict[str, torch.Tensor] = {}
+    m.encoder.register_forward_pre_hook(lambda _mod, args: seen.__setitem__("encoder", args[0].detach().clone()))
+    targets: list[torch.Tensor] = []
+    recon_forward = losses.recon.forward
+
+    def spy(x_true, *rest):  # noqa: ANN001, ANN002, ANN202
+        targets.append(x_true.detach().clone())
+        return recon_forward(x_true, *rest)
+
+    losses.recon.forward = spy  # type: ignore[method-assign]
+    train_step(m, x, opt, losses, noise=StepNoise.seeded(0), input_noise=0.3)
+    added = seen["encoder"] - x
+    assert 0.25 < float(added.std()) < 0.35  # the encoder saw x plus noise of std 0.3
+    assert all(torch.equal(t, x) for t in targets)  # the reconstruction loss targets the clean x
+    # without the variant the encoder sees x itself
+    m2, opt2, losses2 = _step_setup()
+    m2.encoder.register_forward_pre_hook(lambda _mod, args: seen.__setitem__("plain", args[0].detach().clone()))
+    train_step(m2, x, opt2, losses2, noise=StepNoise.seeded(0))
+    assert torch.equal(seen["plain"], x)
+
+
+def test_weight_decay_applies_to_encoder_and_generator_not_d() -> None:
+    cfg = TrainConfig(weight_decay=1e-4)
+    _, opt, _ = _build(ModelConfig(**TINY_MODEL), cfg, torch.device("cpu"))
+    assert opt.encoder.param_groups[0]["weight_decay"] == opt.generator.param_groups[0]["weight_decay"] == 1e-4
+    assert opt.discriminator.param_groups[0]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="input_noise"):
+        TrainConfig(input_noise=-0.1)
+
+
+@pytest.mark.parametrize("variant", [{"input_noise": 0.2}, {"weight_decay": 1e-4}])
+def test_each_variant_trains_exports_and_scores(variant: dict, tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    cfg = TrainConfig(dataset="synthetic", epochs=1, batch_size=32, max_train=64, seed=0, **variant)
+    spec = image_spec_for("synthetic", 32, 3)
+    out = train_and_export(cfg, ModelConfig(**TINY_MODEL), spec, tmp_path, progress=False)
+    manifest = json.loads((out.bundle_dir / "manifest.json").read_text())
+    for k, v in variant.items():
+        assert manifest["training"]["train_config"][k] == v  # the variant is recorded in the bundle
+    assert manifest["training"]["world_size"] == 1 and manifest["training"]["backend"] is None
+    images = load_dataset("synthetic", None, "test", None, limit=8).images
+    result = Runtime.load(out.bundle_dir, providers="cpu").score(images)
+    assert result.score.shape == (8,) and np.isfinite(result.score).all()
+
+
+def test_a_training_run_writes_its_pictures(tiny_run) -> None:
+    outcome, cfg, _, spec = tiny_run
+    run_dir = outcome.run.run_dir
+    history = json.loads((run_dir / "history.json").read_text())
+    for key in ("kl", "val_kl", "recon_pixel", "val_recon_pixel", "adv_d", "val_adv_d"):
+        assert all(np.isfinite(r[key]) for r in history), key
+    losses = Image.open(run_dir / "losses.png")
+    assert losses.size[0] > 400 and losses.size[1] > 200
+    samples = Image.open(run_dir / "samples.png")
+    rows = len(list((run_dir / "samples").glob("epoch_*.png")))
+    assert rows == cfg.epochs
+    # a header, the held-out images' row, then one row per epoch of 8 samples + 8 reconstructions
+    assert samples.size[1] == 16 + (spec.height + 2) * (rows + 1)
+    assert samples.size[0] >= 16 * spec.width
+    last = np.asarray(Image.open(run_dir / "samples" / f"epoch_{cfg.epochs:03d}.png"))
+    assert last.shape[0] == spec.height and last.std() > 1.0  # real pictures, not a blank strip
