@@ -158,6 +158,23 @@ def _short(v: Any) -> bool:
     return isinstance(v, (int, float, str, type(None))) and len(str(v)) < 80
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum a tensor over the ranks; the gradient of each rank's copy is the sum of the ranks'
+    gradients (every rank's loss depends on every rank's contribution)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the global batch of all ranks (any backend, CPU included).
 
@@ -175,13 +192,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, input.dim())]
         x = input.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = all_reduce(stats)  # sums over ranks; backward sums the gradients back
+        stats = _AllReduceSum.apply(stats)  # sums over ranks; backward sums the gradients back
         c = input.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
