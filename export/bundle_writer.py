@@ -63,8 +63,16 @@ def build_manifest(
     parity: dict[str, float],
     training: dict[str, Any],
     calibration: Calibration | None,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
+    """The manifest of a bundle (its ``files`` are filled in by ``write_manifest``). A
+    conditional model's manifest also has ``classes``: the name of each class id, in order
+    (``class_names``, or the ids as text)."""
     cfg = model.cfg
+    classes: dict[str, Any] = {}
+    if cfg.conditional:
+        names = [str(n) for n in (class_names or [])]
+        classes["classes"] = names if len(names) == cfg.num_classes else [str(i) for i in range(cfg.num_classes)]
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -80,7 +88,8 @@ def build_manifest(
             "parity_tolerance": PARITY_TOLERANCE,
             "parity_max_abs_error": parity,
         },
-        "graphs": graph_signatures(spec, cfg.latent_dim, cfg.feature_dim, cfg.patch_head),
+        **classes,
+        "graphs": graph_signatures(spec, cfg.latent_dim, cfg.feature_dim, cfg.patch_head, cfg.num_classes),
         "calibration": calibration.to_dict() if calibration is not None else None,
         "training": training,
     }
@@ -95,8 +104,10 @@ def write_bundle(
     version: int = 1,
     training: dict[str, Any] | None = None,
     calibration: Calibration | None = None,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Export the graphs (parity-checked) and write the manifest. Returns the manifest."""
+    """Export the graphs (parity-checked) and write the manifest. Returns the manifest.
+    ``class_names``: a conditional model's class names (index = label)."""
     out_dir = Path(out_dir)
     parity = export_graphs(model, spec, out_dir)
     write_pipeline(out_dir, spec)
@@ -104,6 +115,6 @@ def write_bundle(
     training.setdefault("git_revision", git_revision())
     manifest = build_manifest(
         model, spec, name=name, version=version, parity=parity,
-        training=training, calibration=calibration,
+        training=training, calibration=calibration, class_names=class_names,
     )
     return write_manifest(out_dir, manifest)

@@ -49,19 +49,20 @@ class _Outputs(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.inner(x)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.inner(*inputs)
         return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
 
 
-def _export_one(module: nn.Module, example: torch.Tensor, path: Path, sig: dict) -> None:
+def _export_one(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, sig: dict) -> None:
+    """``example``: one tensor per input of ``sig``, in its order."""
     inputs, outputs = list(sig["inputs"]), list(sig["outputs"])
     dynamic = {n: {0: "batch"} for n in inputs + outputs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (example,),
+            example,
             str(path),
             input_names=inputs,
             output_names=outputs,
@@ -82,13 +83,13 @@ def _export_one(module: nn.Module, example: torch.Tensor, path: Path, sig: dict)
     onnx.save(proto, str(path))
 
 
-def _parity(module: nn.Module, path: Path, example: torch.Tensor, sig: dict) -> float:
+def _parity(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...], sig: dict) -> float:
     """Max abs error between torch and ONNX Runtime (CPU) over all outputs."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        ref = module(example)
+        ref = module(*example)
     ref = ref if isinstance(ref, tuple) else (ref,)
-    got = sess.run(list(sig["outputs"]), {list(sig["inputs"])[0]: example.numpy()})
+    got = sess.run(list(sig["outputs"]), {name: t.numpy() for name, t in zip(sig["inputs"], example, strict=True)})
     return max(float(np.max(np.abs(r.numpy() - g))) for r, g in zip(ref, got, strict=True))
 
 
@@ -99,13 +100,21 @@ def export_graphs(
 
     Raises :class:`ExportError` when a graph fails ``onnx.checker`` or parity above
     :data:`PARITY_TOLERANCE` (checked at two batch sizes, so the batch axis is really dynamic).
+    A conditional model's graphs take a second input, ``label`` int64 (N,); the parity check
+    draws labels over all its classes.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    sigs = graph_signatures(spec, cfg.latent_dim, cfg.feature_dim, cfg.patch_head)
+    sigs = graph_signatures(spec, cfg.latent_dim, cfg.feature_dim, cfg.patch_head, cfg.num_classes)
     g = torch.Generator().manual_seed(seed)
-    img = lambda n: torch.rand(n, spec.channels, spec.height, spec.width, generator=g) * 2 - 1  # noqa: E731
-    lat = lambda n: torch.randn(n, cfg.latent_dim, generator=g)  # noqa: E731
+
+    def labelled(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not cfg.conditional:
+            return (t,)
+        return t, torch.randint(0, cfg.num_classes, (len(t),), generator=g)
+
+    img = lambda n: labelled(torch.rand(n, spec.channels, spec.height, spec.width, generator=g) * 2 - 1)  # noqa: E731
+    lat = lambda n: labelled(torch.randn(n, cfg.latent_dim, generator=g))  # noqa: E731
     nets = {"encoder": (model.encoder, img), "generator": (model.generator, lat), "discriminator": (model.discriminator, img)}
     errors: dict[str, float] = {}
     for name, (net, make) in nets.items():

@@ -5,7 +5,7 @@ from vaegan.models.discriminator import Discriminator
 from vaegan.models.encoder import Encoder
 from vaegan.models.generator import Generator
 from vaegan.models.losses import AdversarialLoss, KLDivergence, ReconstructionLoss
-from vaegan.models.vaegan import VAEGAN, reparameterize
+from vaegan.models.vaegan import VAEGAN, reparameterize, round_robin
 
 __all__ = [
     "VAEGAN",
@@ -17,4 +17,5 @@ __all__ = [
     "ModelConfig",
     "ReconstructionLoss",
     "reparameterize",
+    "round_robin",
 ]

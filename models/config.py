@@ -15,6 +15,11 @@ class ModelConfig:
     The networks work on a square canvas of ``work_size`` pixels (the image size rounded up to a
     multiple of ``2**num_stages``); inputs are zero-padded to it and outputs cropped back, so any
     image size in 28..256 works with the same code.
+
+    ``num_classes`` > 0 makes the conditional VAE-GAN (CVAE-GAN): the encoder and the
+    discriminator see the class as K one-hot planes beside the image channels, the generator
+    sees z concatenated with the one-hot class. 0 (the default) is the unconditional model, with
+    the same parameter names and shapes as before the field existed.
     """
 
     num_channels: int = 3  # image channels: 1 (grey) or 3 (RGB)
@@ -25,6 +30,7 @@ class ModelConfig:
     # a per-pixel head on D (PatchGAN-style, at stride 8 then upsampled to the image): where an
     # image looks fake, the evidence behind the ``disc_local`` score component and map
     patch_head: bool = True
+    num_classes: int = 0  # > 0: conditional on a class label in 0..num_classes-1 (CVAE-GAN)
 
     def __post_init__(self) -> None:
         if self.num_channels not in (1, 3):
@@ -33,6 +39,13 @@ class ModelConfig:
             raise ValueError(f"image_size must be in 28..256, got {self.image_size}")
         if self.latent_dim < 1 or self.base_width < 1:
             raise ValueError("latent_dim and base_width must be positive")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ValueError(f"num_classes must be 0 (unconditional) or >= 2, got {self.num_classes}")
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the networks take a class label (``num_classes`` > 0)."""
+        return self.num_classes > 0
 
     @property
     def num_stages(self) -> int:
@@ -69,5 +82,6 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        """Read a saved config; one written before the patch head existed has none."""
+        """Read a saved config; one written before the patch head existed has none, one written
+        before ``num_classes`` existed is unconditional (the default 0)."""
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d}, **({} if "patch_head" in d else {"patch_head": False}))

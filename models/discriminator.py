@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from vaegan.models.config import ModelConfig
-from vaegan.models.layers import crop_from_canvas, pad_to_canvas
+from vaegan.models.layers import check_labels, crop_from_canvas, label_planes, pad_to_canvas
 
 __all__ = ["Discriminator"]
 
@@ -22,7 +22,8 @@ __all__ = ["Discriminator"]
 class Discriminator(nn.Module):
     """Stride-2 conv stages with LeakyReLU (optionally spectral-normalized), then a linear logit;
     with ``cfg.patch_head``, a 3x3 + 1x1 conv head on stage ``cfg.patch_stage`` whose logit map
-    is upsampled (bilinear) to the image."""
+    is upsampled (bilinear) to the image. A conditional config (``num_classes`` K > 0) takes K
+    one-hot label planes beside the image: D judges an image as an image of its class."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -32,7 +33,7 @@ class Discriminator(nn.Module):
             return spectral_norm(m) if cfg.spectral_norm else m
 
         layers: list[nn.Module] = []
-        in_ch = cfg.num_channels
+        in_ch = cfg.num_channels + cfg.num_classes
         for out_ch in cfg.stage_widths():
             layers += [sn(nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
             in_ch = out_ch
@@ -43,10 +44,15 @@ class Discriminator(nn.Module):
             ch = cfg.stage_widths()[cfg.patch_stage]
             self.patch_head = nn.Sequential(sn(nn.Conv2d(ch, ch, 3, padding=1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(ch, 1, 1)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(logit (B, 1), features (B, F), per-pixel logits (B, 1, H, W) or None without a
-        patch head)."""
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (B, C, H, W), labels int64 (B,) for a conditional model -> (logit (B, 1), features
+        (B, F), per-pixel logits (B, 1, H, W) or None without a patch head)."""
         cfg = self.cfg
+        check_labels(labels, cfg.num_classes, "discriminator")
+        if labels is not None:
+            x = label_planes(x, labels, cfg.num_classes, cfg.image_size)  # (B, C + K, H, W)
         h = pad_to_canvas(x, cfg.image_size, cfg.work_size)  # (B, C, work, work)
         tap = 2 * cfg.patch_stage + 1  # output of that stage's activation in self.features
         patch = None

@@ -7,6 +7,8 @@
         filled = client.inpaint([image], [mask])                       # uint8 (H, W, C)
         samples = client.sample(16, seed=0)                            # uint8 (16, H, W, C)
         path = client.interpolate(image_a, image_b, steps=8)           # uint8 (8, H, W, C)
+        # a conditional model: score against given classes (None: the image's best class)
+        results = client.score([a, b], classes=[3, None]); results[1].class_id
 
 Images may be numpy arrays (uint8 0..255 or float 0..1; (H, W) or (H, W, C), or a batch
 (N, H, W[, C])), PIL images, file paths or encoded bytes. Arrays are sent as raw tensors, files
@@ -80,6 +82,7 @@ class ImageScore:
     region: tuple[int, int, int, int] = (0, 0, 0, 0)
     input_size: tuple[int, int] = (0, 0)  # the decoded input's (height, width)
     conversion: str = ""  # "" (as sent), "grey->rgb" or "rgb->grey"
+    class_id: int | None = None  # a conditional model: the class scored against; else None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class ModelInfo:
     max_delay_ms: float
     max_images_per_request: int
     raw: pb.ModelInfo = field(repr=False)  # every field, as sent
+    class_names: list[str] = field(default_factory=list)  # a conditional model's classes; else []
 
 
 def _to_image(src: ImageInput, image_id: str) -> pb.Image:
@@ -131,6 +135,19 @@ def _pil_image(im: Image.Image, image_id: str) -> pb.Image:
             continue
         return pb.Image(id=image_id, encoded=buf.getvalue())
     return pb.Image(id=image_id, tensor=array_to_tensor(np.asarray(im.convert("RGB"))))
+
+
+def _with_classes(messages: list[pb.Image], classes: Sequence[int | None] | None) -> list[pb.Image]:
+    """``messages`` with ``class_id`` set from ``classes`` (one per image; None: unset, the
+    image's best class). Conditional models only: the server refuses a class for others."""
+    if classes is None:
+        return messages
+    if len(classes) != len(messages):
+        raise ValueError(f"got {len(classes)} classes for {len(messages)} images")
+    for msg, c in zip(messages, classes, strict=True):
+        if c is not None:
+            msg.class_id = int(c)
+    return messages
 
 
 def _as_list(images: Sequence[ImageInput] | np.ndarray) -> list[ImageInput]:
@@ -173,6 +190,7 @@ def _result(r: pb.ImageScore) -> ImageScore:
         region=(box.top, box.left, box.height, box.width),
         input_size=(r.input_height, r.input_width),
         conversion=r.conversion,
+        class_id=r.class_id if r.HasField("class_id") else None,
     )
 
 
@@ -240,13 +258,17 @@ class OutlierClient:
         threshold: float | None = None,
         timeout: float | None = None,
         anomaly_map_input_size: bool = False,
+        classes: Sequence[int | None] | None = None,
     ) -> list[ImageScore]:
         """Score images; one result per image, in order. ``weights`` overrides components'
         weights (e.g. ``{"disc": 0}``); ``threshold`` the decision threshold;
-        ``anomaly_map_input_size`` returns the maps at each input's size (to overlay it)."""
+        ``anomaly_map_input_size`` returns the maps at each input's size (to overlay it);
+        ``classes`` (conditional models): the class to score each image against, None for its
+        best class (``ImageScore.class_id`` reports the class used)."""
         items = _as_list(images)
+        messages = [_to_image(src, i) for src, i in zip(items, _ids(items, ids), strict=True)]
         request = pb.ScoreRequest(
-            images=[_to_image(src, i) for src, i in zip(items, _ids(items, ids), strict=True)],
+            images=_with_classes(messages, classes),
             options=self._options(anomaly_maps, reconstructions, repaired, weights, threshold, anomaly_map_input_size),
         )
         response = self._call(self._stub.Score, request, timeout)
@@ -294,12 +316,14 @@ class OutlierClient:
         masks: Sequence[ImageInput] | np.ndarray,
         *,
         timeout: float | None = None,
+        classes: Sequence[int | None] | None = None,
     ) -> list[np.ndarray]:
-        """Fill the non-zero mask pixels; uint8 (H, W, C) images at each input's size."""
+        """Fill the non-zero mask pixels; uint8 (H, W, C) images at each input's size.
+        ``classes`` as in :meth:`score` (conditional models)."""
         items, mask_items = _as_list(images), _as_list(masks)
         ids = _ids(items, None)
         request = pb.InpaintRequest(
-            images=[_to_image(s, i) for s, i in zip(items, ids, strict=True)],
+            images=_with_classes([_to_image(s, i) for s, i in zip(items, ids, strict=True)], classes),
             masks=[_to_image(m, i) for m, i in zip(mask_items, ids, strict=False)],
             image_format=pb.IMAGE_FORMAT_RAW,
         )
@@ -315,12 +339,14 @@ class OutlierClient:
         model_name: str = "",
         model_version: str = "",
         timeout: float | None = None,
+        class_id: int | None = None,
     ) -> np.ndarray:
         """``n`` images drawn from the model: uint8 (n, H, W, C) at the model's size. The same
-        ``seed`` gives the same images (None: the server draws a seed)."""
+        ``seed`` gives the same images (None: the server draws a seed). ``class_id``
+        (conditional models): the class of every image (None: the classes in turn)."""
         request = pb.SampleRequest(
             n=n, seed=seed, temperature=temperature, image_format=pb.IMAGE_FORMAT_RAW,
-            model_name=model_name, model_version=model_version,
+            model_name=model_name, model_version=model_version, class_id=class_id,
         )
         response = self._call(self._stub.Sample, request, timeout)
         return np.stack([decode_output(img) for img in response.images])
@@ -364,6 +390,7 @@ class OutlierClient:
             max_delay_ms=m.batching.max_delay_ms,
             max_images_per_request=m.batching.max_images_per_request,
             raw=m,
+            class_names=list(m.class_names),
         )
 
     # ---- plumbing ---------------------------------------------------------------------------

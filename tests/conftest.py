@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conditional_data import write_conditional_folder
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -37,3 +39,30 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
 def tiny_bundle(tiny_run) -> Path:
     """Path to a calibrated bundle directory (32x32 RGB) trained on synthetic normals."""
     return tiny_run[0].bundle_dir
+
+
+@pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory: pytest.TempPathFactory):
+    """(TrainOutcome, TrainConfig) of a tiny --conditional run on
+    :func:`~tests.conditional_data.write_conditional_folder` (3 classes, 72 images, one epoch):
+    trains a step, exports, calibrates."""
+    torch = pytest.importorskip("torch")
+    from vaegan.models import ModelConfig
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.pipeline import image_spec_for, train_and_export
+
+    torch.set_num_threads(2)
+    root = write_conditional_folder(tmp_path_factory.mktemp("conditional_data"))
+    cfg = TrainConfig(dataset="folder", data_root=str(root), epochs=1, batch_size=16, seed=0, conditional=True,
+                      adv_loss="bce")
+    spec = image_spec_for("folder", None, None, root)
+    model_cfg = ModelConfig(num_channels=spec.channels, image_size=spec.height, latent_dim=8, base_width=8)
+    outcome = train_and_export(cfg, model_cfg, spec, tmp_path_factory.mktemp("conditional_run"), name="cond",
+                               progress=False)
+    return outcome, cfg
+
+
+@pytest.fixture(scope="session")
+def conditional_bundle(conditional_run) -> Path:
+    """A calibrated conditional bundle (28x28 grey, 3 classes)."""
+    return conditional_run[0].bundle_dir

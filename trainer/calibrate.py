@@ -102,14 +102,20 @@ def calibrate_bundle(
 
     Writes into ``out_dir`` (default: the bundle itself) with the sha256 entries recomputed;
     ``bump_version`` increments the manifest's version (recalibrating an existing bundle).
+
+    A conditional bundle is calibrated in the mode its runtime scores by default, each image
+    against its best class: the selection part (and its corrupted copies) as an uncalibrated
+    bundle scores them (best class = lowest pixel error), the calibration part as the
+    calibrated bundle will (best class = lowest score under the weights and mean/std just
+    chosen), so the threshold is a conformal quantile of exactly the served scores.
     """
     bundle = load_bundle(bundle_dir)
-    rt = Runtime(bundle, providers="cpu")
+    # the selection part is scored as an uncalibrated bundle scores (this only matters for a
+    # conditional bundle, whose best class depends on the calibration)
+    rt = Runtime(dataclasses.replace(bundle, calibration=None), providers="cpu")
     for k, v in (weights or {}).items():  # a NaN weight fails here, before any scoring
         if not np.isfinite(float(v)):
             raise ValueError(f"calibration weight of component {k!r} is not finite ({v})")
-    comps, maps, recon = _forward_all(rt, normal_images, reconstructions=True)
-    assert recon is not None
     if selection_images is not None:
         sel_comps, _, _ = _forward_all(rt, selection_images)
         stats, stats_source = component_stats(sel_comps), "selection part"
@@ -123,6 +129,7 @@ def calibrate_bundle(
         changed = (corrupted_images != selection_images).any(axis=-1)  # (N, H, W)
         map_weights, map_report = select_map_weights(corrupted_maps, changed, stats, seed=seed)
         selection["map_weights"] = map_report
+        reference = sel_comps
     else:
         if weights is None:
             raise ValueError("choosing weights without labels needs a selection part (selection_images)")
@@ -130,9 +137,17 @@ def calibrate_bundle(
             raise ValueError("fixed weights without a selection part need a calibrated bundle (its component mean/std)")
         stats = dict(bundle.calibration.stats)
         stats_source = f"kept from the previous calibration ({bundle.calibration.stats_source})"
-        comps = {k: v for k, v in comps.items() if k in stats}  # the components it was fitted with
         map_weights = dict(bundle.calibration.map_weights)
         selection = {"method": "given", **(selection or {})}
+        reference = bundle.calibration.samples
+    if bundle.conditional:
+        # the calibration part, scored as the calibrated bundle will score: best classes under
+        # these weights and mean/std (the scorer's samples and threshold play no part in that)
+        scorer = Calibration.fit(reference, weights, target_fpr=0.5, stats=stats)
+        rt.bundle = dataclasses.replace(bundle, calibration=scorer)
+    comps, maps, recon = _forward_all(rt, normal_images, reconstructions=True)
+    assert recon is not None
+    comps = {k: v for k, v in comps.items() if k in stats}  # the components the stats are of
     checks = {
         "collapse": collapse_report(recon, normal_images),
         "calibration_size": calibration_size_report(len(normal_images), target_fpr, size_remedy),

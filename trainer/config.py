@@ -34,6 +34,9 @@ class TrainConfig:
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
     input_noise: float = 0.0  # denoising variant: std of Gaussian noise on the encoder's input (normalized units)
     weight_decay: float = 0.0  # L2 weight decay on E and G (Adam's weight_decay), not on D
+    # the conditional variant (CVAE-GAN): E, G and D take the image's class label (the dataset's
+    # labels, >= 2 classes among the training images); the model config's num_classes follows
+    conditional: bool = False
     # held-out normals, never trained on: share of the train split (plus the dataset's own
     # validation split where it has one), then cut into two parts of their own
     val_fraction: float = 0.2
@@ -67,6 +70,11 @@ class TrainConfig:
             raise ValueError(f"d_negatives: unknown kind(s) {sorted(unknown)}; known: {', '.join(NEGATIVE_KINDS)}")
         if self.input_noise < 0 or self.weight_decay < 0:
             raise ValueError(f"input_noise and weight_decay must be >= 0, got {self.input_noise} and {self.weight_decay}")
+        if self.conditional and self.normal_class is not None:
+            raise ValueError(
+                f"--conditional trains on several normal classes, each image conditioned on its own, but "
+                f"--normal-class {self.normal_class} keeps one class only: drop one of the two flags"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda"):

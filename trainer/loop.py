@@ -17,7 +17,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ModelConfig, ReconstructionLoss
+from vaegan.models import (
+    VAEGAN,
+    AdversarialLoss,
+    KLDivergence,
+    ModelConfig,
+    ReconstructionLoss,
+    round_robin,
+)
 from vaegan.service.runtime.preprocess import ImageSpec, normalize
 from vaegan.service.runtime.scoring import raw_components
 from vaegan.trainer.checkpoint import (
@@ -30,9 +37,9 @@ from vaegan.trainer.config import TrainConfig
 from vaegan.trainer.data import ImageSet
 from vaegan.trainer.distributed import DistContext, check_agreement, convert_batchnorm
 from vaegan.trainer.selection import corrupt, select_weights
-from vaegan.trainer.step import Losses, Optimizers, StepNoise, train_step
+from vaegan.trainer.step import Losses, Optimizers, StepNoise, cat_labels, train_step
 
-__all__ = ["RunResult", "components_torch", "fit", "resolve_device", "split_normal", "to_tensor"]
+__all__ = ["RunResult", "best_labels", "components_torch", "fit", "resolve_device", "split_normal", "to_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,18 +106,36 @@ def _build(
 
 
 @torch.no_grad()
+def best_labels(model: VAEGAN, x: torch.Tensor) -> torch.Tensor | None:
+    """For a conditional model, each image's best class: int64 (B,), the class whose
+    reconstruction has the lowest pixel error (the rule of an uncalibrated bundle's runtime,
+    :meth:`service.runtime.Runtime.forward_images`, which is what scores the selection part at
+    calibration); None for an unconditional model. x: normalized (B, C, H, W), eval mode."""
+    k = model.cfg.num_classes
+    if k == 0:
+        return None
+    errors = []
+    for c in range(k):
+        labels = torch.full((len(x),), c, dtype=torch.int64, device=x.device)
+        errors.append((x - model.reconstruct(x, labels)).float().flatten(1).pow(2).mean(1))  # (B,)
+    return torch.stack(errors, 1).argmin(1)  # (B,)
+
+
+@torch.no_grad()
 def components_torch(model: VAEGAN, x_all: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
     """The raw score components of normalized images, eval mode: the networks run in torch,
     the components come from the serving code (:func:`service.runtime.scoring.raw_components`),
-    so selection during training scores exactly as the bundle will."""
+    so selection during training scores exactly as the bundle will. A conditional model scores
+    each image against its best class (:func:`best_labels`), as the uncalibrated bundle does."""
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(x_all), 128):
         x = x_all[i : i + 128].to(device)
-        x_hat = model.reconstruct(x)
-        logit, f, patch = model.discriminator(x)
-        _, f_hat, _ = model.discriminator(x_hat)
+        labels = best_labels(model, x)
+        x_hat = model.reconstruct(x, labels)
+        logit, f, patch = model.discriminator(x, labels)
+        _, f_hat, _ = model.discriminator(x_hat, labels)
         comps = raw_components(
             x.float().cpu().numpy(), x_hat.float().cpu().numpy(), f.float().cpu().numpy(),
             f_hat.float().cpu().numpy(), logit.float().cpu().numpy(),
@@ -136,18 +161,29 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 @torch.no_grad()
-def heldout_losses(model: VAEGAN, x: torch.Tensor, losses: Losses, device: torch.device, n: int = 512) -> dict[str, float]:
+def heldout_losses(
+    model: VAEGAN, x: torch.Tensor, losses: Losses, device: torch.device, n: int = 512,
+    labels: torch.Tensor | None = None,
+) -> dict[str, float]:
     """The named loss terms of :func:`train_step` on (up to ``n``) held-out normals, eval mode,
     z = mu and prior codes from a fixed seed, as ``val_<term>`` (for losses.png and TensorBoard).
-    ``patch_d`` (D's per-pixel loss on shape negatives) has no held-out counterpart."""
+    ``patch_d`` (D's per-pixel loss on shape negatives) has no held-out counterpart.
+    ``labels``: the images' classes, int64 (B,), for a conditional model (the prior samples'
+    classes are drawn from the same fixed seed)."""
     was_training = model.training
     model.eval()
     x = x[:n].to(device)
-    mu, logvar = model.encoder(x)
-    x_rec = model.generator(mu)
-    z = torch.randn(len(x), mu.shape[1], generator=torch.Generator().manual_seed(0)).to(device)
-    x_prior = model.generator(z)
-    logits, feats, _ = model.discriminator(torch.cat([x, x_rec, x_prior]))
+    gen = torch.Generator().manual_seed(0)
+    y = y_prior = None
+    if labels is not None:
+        y = labels[:n].to(device)
+    mu, logvar = model.encoder(x, y)
+    x_rec = model.generator(mu, y)
+    z = torch.randn(len(x), mu.shape[1], generator=gen).to(device)
+    if labels is not None:
+        y_prior = torch.randint(0, model.cfg.num_classes, (len(x),), generator=gen).to(device)
+    x_prior = model.generator(z, y_prior)
+    logits, feats, _ = model.discriminator(torch.cat([x, x_rec, x_prior]), cat_labels([y, y, y_prior]))
     logit_real, logit_rec, logit_prior = logits.chunk(3)
     feat_real, feat_rec, _ = feats.chunk(3)
     rec_feature, rec_pixel = losses.recon(x, x_rec, feat_real, feat_rec)
@@ -162,14 +198,19 @@ def heldout_losses(model: VAEGAN, x: torch.Tensor, losses: Losses, device: torch
 
 
 @torch.no_grad()
-def _epoch_pictures(model: VAEGAN, x_fixed: torch.Tensor, z_fixed: torch.Tensor, run_dir: Path, epoch: int) -> None:
-    """Prior samples of the fixed codes and reconstructions of the fixed held-out images."""
+def _epoch_pictures(
+    model: VAEGAN, x_fixed: torch.Tensor, z_fixed: torch.Tensor, run_dir: Path, epoch: int,
+    y_fixed: torch.Tensor | None = None,
+) -> None:
+    """Prior samples of the fixed codes (a conditional model: classes round-robin) and
+    reconstructions of the fixed held-out images (with their classes ``y_fixed``)."""
     from vaegan.trainer.pictures import write_epoch_row
 
     was_training = model.training
     model.eval()
-    samples = model.generator(z_fixed).float().cpu().numpy()
-    recs = model.reconstruct(x_fixed).float().cpu().numpy()
+    y_prior = round_robin(len(z_fixed), model.cfg.num_classes, z_fixed.device) if model.cfg.conditional else None
+    samples = model.generator(z_fixed, y_prior).float().cpu().numpy()
+    recs = model.reconstruct(x_fixed, y_fixed).float().cpu().numpy()
     model.train(was_training)
     write_epoch_row(run_dir, epoch, samples, recs, x_fixed.float().cpu().numpy())
 
@@ -187,16 +228,26 @@ def _validate(model: VAEGAN, x_val: torch.Tensor, x_corrupt: torch.Tensor, devic
     return row
 
 
-def _log_images(writer: Any, model: VAEGAN, x: torch.Tensor, epoch: int) -> None:
+def _log_images(writer: Any, model: VAEGAN, x: torch.Tensor, epoch: int, labels: torch.Tensor | None = None) -> None:
     from torchvision.utils import make_grid
 
     model.eval()
     with torch.no_grad():
-        rec = model.reconstruct(x)
+        rec = model.reconstruct(x, labels)
         samples = model.sample(len(x))
     model.train()
     for tag, imgs in (("real", x), ("reconstruction", rec), ("samples", samples)):
         writer.add_image(f"images/{tag}", make_grid(imgs.float().cpu(), nrow=8, normalize=True, value_range=(-1, 1)), epoch)
+
+
+def _checked_labels(data: ImageSet, num_classes: int) -> torch.Tensor:
+    """``data.labels`` as int64 (N,), each in 0..num_classes-1 (ValueError otherwise)."""
+    bad = (data.labels < 0) | (data.labels >= num_classes)
+    if bad.any():
+        raise ValueError(
+            f"label {int(data.labels[bad][0])} is outside the conditional model's classes 0..{num_classes - 1}"
+        )
+    return torch.from_numpy(np.asarray(data.labels, np.int64))
 
 
 def _ids_digest(data: ImageSet) -> str:
@@ -252,6 +303,10 @@ def fit(
     ``selection``: the selection part of the held-out normals, validated every epoch (the
     checkpoint is chosen on it); the calibration part must not be passed here.
 
+    A conditional ``model_cfg`` (``num_classes`` K > 0, ``--conditional``) trains on the images'
+    labels (``train.labels``, in 0..K-1) as their conditions; the selection part's labels go
+    into its held-out losses and pictures.
+
     ``dist``: this process's place in a data-parallel job (:func:`trainer.distributed.setup`);
     each of the ``world_size`` processes trains on ``batch_size / world_size`` rows of every
     global batch, and only rank 0 validates, logs and writes (checkpoints, TensorBoard).
@@ -276,7 +331,7 @@ def fit(
     start_epoch = 0
     if resume and (ckpt_dir / "last.pt").is_file():
         ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location=device)
-        if ckpt["model_config"] != model_cfg.to_dict():
+        if ModelConfig.from_dict(ckpt["model_config"]) != model_cfg:
             raise ValueError("--resume: the checkpoint's model config differs from this run's")
         loaded = model_from_checkpoint(ckpt, weights="training").to(device)
         model.load_state_dict(loaded.state_dict())
@@ -296,6 +351,9 @@ def fit(
     trained = _data_parallel(model, cfg, device) if ctx.enabled else model
 
     x_train, x_val = to_tensor(train.images, spec), to_tensor(selection.images, spec)
+    y_train = y_val = None  # class labels, int64 (N,): the conditions of a conditional model
+    if model_cfg.conditional:
+        y_train, y_val = (_checked_labels(d, model_cfg.num_classes) for d in (train, selection))
     z_fixed = torch.randn(8, model_cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     x_corrupt = to_tensor(corrupt(selection.images, seed=cfg.seed)[0], spec)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -304,7 +362,7 @@ def fit(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
-    dataset = TensorDataset(x_train)
+    dataset = TensorDataset(x_train) if y_train is None else TensorDataset(x_train, y_train)
     # one seeded permutation per epoch, dealt out over the processes: rank r gets rows r, r + N,
     # ... of every global batch (so 1 process and N processes see the same global batches)
     sampler = DistributedSampler(
@@ -324,15 +382,17 @@ def fit(
         sums: dict[str, float] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
                    disable=None if progress and main else True, leave=False)
-        for step, (x,) in enumerate(bar):
+        for step, (x, *y) in enumerate(bar):
             x = x.to(device, non_blocking=True)
+            labels = y[0].to(device, non_blocking=True) if y else None
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             masked = cfg.mask_prob > 0 and torch.rand(1, generator=gen).item() < cfg.mask_prob
             noise = StepNoise.seeded(int(torch.randint(0, 2**62, (1,), generator=gen)), ctx.rank, ctx.world_size)
             mask = noise.masks(len(x), spec.height).to(device) if masked else None
             terms = train_step(trained, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise,
-                               d_negatives=cfg.negative_kinds, noise=noise, input_noise=cfg.input_noise)
+                               d_negatives=cfg.negative_kinds, noise=noise, input_noise=cfg.input_noise,
+                               labels=labels)
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay, epoch * steps_per_epoch + step)
             for k, v in terms.items():
@@ -349,16 +409,17 @@ def fit(
             ctx.barrier()
             continue
         row.update(_validate(scored, x_val, x_corrupt, device))
-        row.update(heldout_losses(scored, x_val, losses, device))
+        row.update(heldout_losses(scored, x_val, losses, device, labels=y_val))
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        _epoch_pictures(scored, x_val[:8].to(device), z_fixed, run_dir, epoch + 1)
+        _epoch_pictures(scored, x_val[:8].to(device), z_fixed, run_dir, epoch + 1,
+                        None if y_val is None else y_val[:8].to(device))
         logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         if writer is not None:
             for k, v in row.items():
                 if k.startswith("val_"):
-                    writer.add_scalar(f"val/{k[4:]}", v, epoch + 1)
-            _log_images(writer, scored, x_val[:16].to(device), epoch + 1)
+                    writer.add_scalar(f"val/{k}", v, epoch + 1)  # val/val_pixel, val/val_kl, ...
+            _log_images(writer, scored, x_val[:16].to(device), epoch + 1, None if y_val is None else y_val[:16].to(device))
         payload = {
             "model_config": model_cfg.to_dict(),
             "train_config": cfg.to_dict(),
@@ -369,6 +430,8 @@ def fit(
             "optim": opt.state_dict(),
             "ema_state": None if ema is None else network_states(ema),
             "distributed": ctx.record(),
+            # the class names of a conditional model (index = label), for the bundle manifest
+            "class_names": list(train.class_names)[: model_cfg.num_classes] if model_cfg.conditional else None,
         }
         save_checkpoint(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", payload)
         save_checkpoint(ckpt_dir / "last.pt", payload)

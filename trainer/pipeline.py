@@ -21,6 +21,7 @@ from vaegan.trainer.selection import part_record, split_held_out
 __all__ = [
     "NormalSplit",
     "TrainOutcome",
+    "conditional_config",
     "export_checkpoint",
     "image_spec_for",
     "load_split",
@@ -130,6 +131,33 @@ def load_split(cfg: TrainConfig, spec: ImageSpec) -> NormalSplit:
     return NormalSplit(train, selection, calibration, held_out_from)
 
 
+def conditional_config(cfg: TrainConfig, model_cfg: ModelConfig, train: ImageSet) -> ModelConfig:
+    """The model config for ``cfg``: with ``cfg.conditional``, one label per class of the
+    training images (``num_classes`` = the dataset's class count, so a label is its class id);
+    otherwise ``model_cfg`` as it is.
+
+    Raises ValueError (one line, for the CLI) when the training images do not carry at least
+    two classes, e.g. the synthetic, mvtec or flat-folder normals; or when ``model_cfg`` asks
+    for classes without ``cfg.conditional``, or for another count than the data has.
+    """
+    if not cfg.conditional:
+        if model_cfg.num_classes:
+            raise ValueError(f"the model config has num_classes {model_cfg.num_classes} but conditional training is off (--conditional)")
+        return model_cfg
+    present = np.unique(train.labels)
+    if len(present) < 2:
+        names = ", ".join(repr(train.class_names[int(c)]) if 0 <= c < len(train.class_names) else str(int(c)) for c in present)
+        raise ValueError(
+            f"--conditional needs training images of at least 2 classes, but the {cfg.dataset} training images "
+            f"are all of one ({names or 'none'}); use a labelled dataset (mnist, fashion-mnist, cifar10, or a folder "
+            "with one sub-folder per class) or drop --conditional"
+        )
+    k = max(len(train.class_names), int(present.max()) + 1)
+    if model_cfg.num_classes not in (0, k):
+        raise ValueError(f"the model config has num_classes {model_cfg.num_classes} but {cfg.dataset} has {k} classes")
+    return dataclasses.replace(model_cfg, num_classes=k)
+
+
 def select_checkpoint(run: RunResult, how: str) -> Path:
     """``last``, or the epoch whose selection-part normals are best separated from their
     corrupted copies (``val_selection_auroc``); no test labels, no calibration images."""
@@ -193,7 +221,7 @@ def _bundle_from_checkpoint(
     default_name = cfg.dataset + (f"-{cfg.normal_class}" if cfg.normal_class is not None else "")
     manifest = write_bundle(
         model_from_checkpoint(ckpt), ImageSpec.from_dict(ckpt["image_spec"]), out_dir,
-        name=name or default_name, version=version, training=training,
+        name=name or default_name, version=version, training=training, class_names=ckpt.get("class_names"),
     )
     if split is not None:
         calibrate_bundle(
@@ -233,7 +261,8 @@ def train_and_export(
     """The whole ``vaegan train``: load data, fit, export ``run_dir/bundle``, calibrate it.
 
     The selection part validates every epoch and chooses the checkpoint and weights; the
-    calibration part only sets the threshold. Guard-rail warnings (collapsed generator,
+    calibration part only sets the threshold. With ``cfg.conditional`` the model gets one class
+    per dataset class (:func:`conditional_config`; ``model_cfg.num_classes`` is filled in). Guard-rail warnings (collapsed generator,
     calibration set too small) are logged loudly and returned in ``TrainOutcome.warnings``.
 
     Under ``torchrun`` every process trains its share of each global batch
@@ -256,6 +285,7 @@ def _train_and_export(
 ) -> TrainOutcome:
     split = load_split(cfg, spec)
     train = split.train
+    model_cfg = conditional_config(cfg, model_cfg, train)  # before any training: a clear error
     logger.info(
         "training on %d normal images; held out %d for selection (checkpoint, weights, mean/std) "
         "and %d for calibration (threshold only)", len(train), len(split.selection), len(split.calibration),

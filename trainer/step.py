@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,9 @@ from torch import nn
 from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss
 from vaegan.trainer.config import NEGATIVE_KINDS
 
-__all__ = ["Losses", "Optimizers", "StepNoise", "patch_loss", "random_masks", "shape_negatives", "train_step"]
+__all__ = [
+    "Losses", "Optimizers", "StepNoise", "cat_labels", "patch_loss", "random_masks", "shape_negatives", "train_step",
+]
 
 
 @dataclass
@@ -48,6 +51,12 @@ class StepNoise:
     def seeds(self, n: int) -> list[int]:
         """One seed per local row, for draws made image by image."""
         return self._rows(torch.randint(0, 2**62, (n * self.world_size,), generator=self.generator)).tolist()
+
+    def labels(self, like: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Random class labels int64 (B,) uniform over 0..num_classes-1, placed like ``like``
+        (B local rows first): the conditions of the conditional model's prior samples."""
+        full = torch.randint(0, num_classes, (like.shape[0] * self.world_size,), generator=self.generator)
+        return self._rows(full).to(like.device)
 
     def masks(self, n: int, size: int) -> torch.Tensor:
         """:func:`random_masks` for the local rows: float (n, 1, size, size)."""
@@ -237,6 +246,20 @@ def masked_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x * (1 - mask)
 
 
+def _num_classes(net: nn.Module) -> int:
+    """The class count of a network's config, through a DDP wrapper."""
+    inner: Any = getattr(net, "module", net)
+    return int(inner.cfg.num_classes)
+
+
+def cat_labels(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The labels of batches concatenated as their images are (int64 (sum B,)); None when the
+    model is unconditional (any part without labels)."""
+    if any(p is None for p in parts):
+        return None
+    return torch.cat([p for p in parts if p is not None])
+
+
 def train_step(
     model: VAEGAN,
     x: torch.Tensor,
@@ -248,6 +271,7 @@ def train_step(
     d_negatives: tuple[str, ...] = (),
     noise: StepNoise | None = None,
     input_noise: float = 0.0,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One update of D, then of E and G, on a normalized batch x (B, C, H, W).
 
@@ -259,6 +283,10 @@ def train_step(
     noise of that std (normalized units) while every loss targets the clean x.
     ``noise``: where the step's random draws come from (default: seeded from torch's
     global generator); data-parallel ranks pass generators seeded alike.
+    ``labels``: int64 (B,) class ids of x, for a conditional model (CVAE-GAN, required there):
+    E, G and D see the true labels for the real images, their reconstructions and their shape
+    negatives, and labels drawn uniformly (from ``noise``, for the global batch) for the prior
+    samples. Without labels nothing is drawn for them, so an unconditional step is unchanged.
 
     ``model``'s networks may be wrapped in ``DistributedDataParallel``: D's second pass (E/G's
     loss) runs the unwrapped D, as D gets no gradient there. Returns the named loss terms.
@@ -274,20 +302,26 @@ def train_step(
 
     # ---- discriminator: real vs reconstruction vs prior sample -------------------------
     with amp:
-        mu, logvar = E(x_in)
+        mu, logvar = E(x_in, labels)
         z = mu + noise.randn(mu) * torch.exp(0.5 * logvar)  # reparameterization
-        x_rec = G(z)
-        x_prior = G(noise.randn(mu))
+        x_rec = G(z, labels)
+        z_prior = noise.randn(mu)
+        # the conditional model: E, G and D take a label per image; prior samples get drawn ones
+        prior_labels = noise.labels(mu, _num_classes(G)) if labels is not None else None
+        x_prior = G(z_prior, prior_labels)
         # D has no batch statistics, so one call on the three batches equals three calls
         parts = [x, x_rec.detach(), x_prior.detach()]
+        part_labels = [labels, labels, prior_labels]
         neg_masks = None
         if d_negatives:
             negatives, neg_masks = shape_negatives(x, d_negatives, seeds=noise.seeds(len(x)))
             parts.append(negatives)
+            part_labels.append(labels)  # a negative keeps its image's class
         d_in = torch.cat(parts)  # (3B or 4B, C, H, W)
         if d_noise > 0:
             d_in = d_in + d_noise * torch.cat([noise.randn(p) for p in parts])
-        logits, _, patches = D(d_in)  # (3B or 4B, 1), _, (3B or 4B, 1, H, W) or None
+        # (3B or 4B, 1), _, (3B or 4B, 1, H, W) or None
+        logits, _, patches = D(d_in, cat_labels(part_labels))
         logit_real, *logit_fakes = logits.chunk(len(parts))
         loss_d = losses.adv.discriminator_loss(logit_real, *logit_fakes)
         loss_patch = torch.zeros((), device=x.device)
@@ -303,7 +337,9 @@ def train_step(
 
     # ---- encoder and generator -----------------------------------------------------------
     with amp:
-        logits, feats, _ = D_plain(torch.cat([x, x_rec, x_prior]))  # (3B, 1), (3B, F)
+        d_in = torch.cat([x, x_rec, x_prior])
+        # (3B, 1), (3B, F)
+        logits, feats, _ = D_plain(d_in, cat_labels(part_labels[:3]))
         _, logit_rec, logit_prior = logits.chunk(3)
         feat_real, feat_rec, _ = feats.chunk(3)
         kl = losses.kl(mu.float(), logvar.float())

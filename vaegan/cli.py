@@ -84,6 +84,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "(normalized units, images in -1..1); every loss targets the clean image")
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="L2 weight decay on the encoder and generator (not D); default %(default)s")
+    g.add_argument("--conditional", action="store_true",
+                   help="the conditional VAE-GAN (CVAE-GAN): E, G and D take each image's class label; for "
+                        "data with several normal classes (not with --normal-class); the bundle scores an "
+                        "image against a given class or, by default, its best class")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the normal training images held out (never trained on), plus the "
                         "dataset's own validation split where it has one; default %(default)s")
@@ -127,7 +131,7 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
             adv_weight=a.adv_weight, adv_loss=a.adv_loss, d_lr_scale=a.d_lr_scale, d_noise=a.d_noise,
             d_negatives=a.d_negatives, patch_weight=a.patch_weight, ema_decay=a.ema_decay,
             mask_prob=a.mask_prob, input_noise=a.input_noise, weight_decay=a.weight_decay,
-            val_fraction=a.val_fraction, selection_fraction=a.selection_fraction,
+            conditional=a.conditional, val_fraction=a.val_fraction, selection_fraction=a.selection_fraction,
             max_train=a.max_train, target_fpr=a.target_fpr,
             seed=a.seed, device=a.device, num_workers=a.num_workers,
         )
@@ -166,6 +170,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=1, help="bundle version (a positive integer)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip calibration on the training run's held-out normals")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="int8: ONNX Runtime static quantization calibrated on the held-out normals (CPU); "
+                        "fp16: for GPUs; both recalibrated and refused when they detect worse than fp32 "
+                        "(see --max-auroc-drop); default %(default)s")
+    p.add_argument("--max-auroc-drop", type=float, default=0.002,
+                   help="refuse a reduced-precision bundle whose AUROC on held-out normals vs corrupted "
+                        "copies is lower than fp32's by more than this; default %(default)s")
     p.set_defaults(func=_cmd_export)
 
 
@@ -176,6 +187,22 @@ def _cmd_export(a: argparse.Namespace) -> int:
         raise CliError(f"--checkpoint {a.checkpoint}: no such file")
     if a.version < 1:
         raise CliError("--version must be a positive integer")
+    if a.precision != "fp32":
+        from vaegan.export.quantize import PrecisionRefused, export_at_precision
+
+        if a.no_calibrate:
+            raise CliError(f"--precision {a.precision} needs the held-out normals: drop --no-calibrate")
+        try:
+            manifest = export_at_precision(a.checkpoint, a.out, a.precision, name=a.name, version=a.version,
+                                           max_auroc_drop=a.max_auroc_drop)
+        except PrecisionRefused as e:
+            print(f"vaegan export: {e}", file=sys.stderr)
+            return 3
+        p = manifest["precision"]
+        errs = ", ".join(f"{k} {v:.1e}" for k, v in p["component_max_abs_error"].items())
+        print(f"wrote {a.out} ({manifest['name']} v{manifest['version']}, {a.precision}; AUROC {p['auroc']:.4f} "
+              f"vs fp32 {p['auroc_fp32']:.4f}; component max abs error: {errs})")
+        return 0
     manifest = export_checkpoint(a.checkpoint, a.out, name=a.name, version=a.version, calibrate=not a.no_calibrate)
     errs = ", ".join(f"{k} {v:.1e}" for k, v in manifest["onnx"]["parity_max_abs_error"].items())
     print(f"wrote {a.out} ({manifest['name']} v{manifest['version']}; parity max abs error: {errs})")

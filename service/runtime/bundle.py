@@ -26,6 +26,7 @@ __all__ = [
     "calibration_digest",
     "graph_signatures",
     "load_bundle",
+    "manifest_num_classes",
     "resolve_bundle_dir",
     "sha256_file",
     "write_manifest",
@@ -51,24 +52,35 @@ def bundle_files(bundle_dir: Path) -> list[str]:
     return [*GRAPHS.values(), *([PIPELINE] if (Path(bundle_dir) / PIPELINE).is_file() else [])]
 
 
-def graph_signatures(spec: ImageSpec, latent_dim: int, feature_dim: int, patch_head: bool = False) -> dict[str, Any]:
+def graph_signatures(
+    spec: ImageSpec, latent_dim: int, feature_dim: int, patch_head: bool = False, num_classes: int = 0
+) -> dict[str, Any]:
     """Names and shapes of each graph's inputs and outputs; None is the dynamic batch axis.
 
     ``patch_head``: the discriminator also outputs per-pixel logits ``patch`` (N, 1, H, W)
     (bundles from this version on; older ones have only ``logit`` and ``features``).
+    ``num_classes`` > 0 (a conditional model): every graph also takes ``label``, int64 (N,),
+    each image's class id in 0..num_classes-1 (one-hot inside the graph).
     """
     img = [None, spec.channels, spec.height, spec.width]
+    label: dict[str, Any] = {"label": [None]} if num_classes > 0 else {}
     d_out: dict[str, Any] = {"logit": [None, 1], "features": [None, feature_dim]}
     if patch_head:
         d_out["patch"] = [None, 1, spec.height, spec.width]
     return {
         "encoder": {
-            "inputs": {"x": img},
+            "inputs": {"x": img, **label},
             "outputs": {"mu": [None, latent_dim], "logvar": [None, latent_dim]},
         },
-        "generator": {"inputs": {"z": [None, latent_dim]}, "outputs": {"x_hat": img}},
-        "discriminator": {"inputs": {"x": img}, "outputs": d_out},
+        "generator": {"inputs": {"z": [None, latent_dim], **label}, "outputs": {"x_hat": img}},
+        "discriminator": {"inputs": {"x": img, **label}, "outputs": d_out},
     }
+
+
+def manifest_num_classes(manifest: dict[str, Any]) -> int:
+    """``model_config.num_classes`` of a manifest: the classes of a conditional bundle, 0 for an
+    unconditional one (and for every manifest written before the field existed)."""
+    return int((manifest.get("model_config") or {}).get("num_classes", 0) or 0)
 
 
 def sha256_file(path: Path) -> str:
@@ -141,9 +153,26 @@ class Bundle:
         """Whether the discriminator has the per-pixel head (output ``patch``)."""
         return bool((self.manifest.get("model_config") or {}).get("patch_head", False))
 
+    @property
+    def num_classes(self) -> int:
+        """The classes a conditional bundle (``vaegan train --conditional``) scores against; 0
+        for an unconditional one (every bundle written before the field existed)."""
+        return manifest_num_classes(self.manifest)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each class id of a conditional bundle (the manifest's ``classes``; the
+        ids as text where it has none); [] for an unconditional one."""
+        names = [str(n) for n in (self.manifest.get("classes") or [])]
+        return names if len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]
+
     def signatures(self) -> dict[str, Any]:
         """:func:`graph_signatures` of this bundle."""
-        return graph_signatures(self.spec, self.latent_dim, self.feature_dim, self.patch_head)
+        return graph_signatures(self.spec, self.latent_dim, self.feature_dim, self.patch_head, self.num_classes)
 
     def graph_path(self, graph: str) -> Path:
         return self.path / GRAPHS[graph]
@@ -173,6 +202,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         latent_dim = int(manifest["latent_dim"])
         feature_dim = int(manifest["feature_dim"])
         files = dict(manifest["files"])
+        num_classes = manifest_num_classes(manifest)
+        if num_classes < 0 or num_classes == 1:
+            raise ValueError(f"model_config.num_classes must be 0 or >= 2, got {num_classes}")
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{mpath}: missing or invalid field ({e})") from e
     for fname in [*GRAPHS.values(), *([PIPELINE] if PIPELINE in files else [])]:

@@ -6,6 +6,9 @@
     concat(x, x_hat)[2N,C,H,W] -> discriminator -> logit[2N,1], features[2N,F]
                                                     (and patch[2N,1,H,W] when D has a patch head)
 
+A conditional bundle's graphs also take ``label`` int64 (N,); so does the composed graph, which
+hands it to E and G and, twice (for x and x_hat), to D.
+
 Scoring then takes one ONNX Runtime call per batch instead of three, as a Triton ensemble
 would, but inside one session: no copies between graphs, and ONNX Runtime sees (and optimizes)
 the whole chain. In a Python server this matters more than the saved call overhead: a thread
@@ -31,8 +34,9 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 __all__ = ["PIPELINE_SIGNATURE", "compose_pipeline"]
 
-# inputs/outputs of the composed graph; D's outputs have 2N rows: x first, then x_hat
-PIPELINE_SIGNATURE = {"inputs": ("images",), "outputs": ("x", "x_hat", "logit", "features", "patch")}
+# inputs/outputs of the composed graph (``label``: conditional bundles only); D's outputs have
+# 2N rows: x first, then x_hat
+PIPELINE_SIGNATURE = {"inputs": ("images", "label"), "outputs": ("x", "x_hat", "logit", "features", "patch")}
 
 
 def _load(path: Path, prefix: str) -> onnx.ModelProto:
@@ -69,7 +73,9 @@ def compose_pipeline(
 ) -> bytes:
     """The serialized composed model (see the module docstring) for images normalized with
     ``mean``/``std`` per channel; raises ValueError when the three graphs cannot be joined
-    (different opsets or IR versions, unexpected names, a channel count other than E's)."""
+    (different opsets or IR versions, unexpected names, a channel count other than E's). The
+    graphs of a conditional model (each with a ``label`` input) give a composed graph that takes
+    ``label`` too."""
     e, g, d = _load(encoder, "e/"), _load(generator, "g/"), _load(discriminator, "d/")
     opsets = [{(o.domain, o.version) for o in m.opset_import} for m in (e, g, d)]
     if opsets[0] != opsets[1] or opsets[0] != opsets[2]:
@@ -82,10 +88,12 @@ def compose_pipeline(
         "discriminator": ([i.name for i in d.graph.input], [o.name for o in d.graph.output]),
     }
     patch = names["discriminator"][1] == ["d/logit", "d/features", "d/patch"]
+    labelled = "e/label" in names["encoder"][0]
+    label = lambda prefix: [f"{prefix}/label"] if labelled else []  # noqa: E731
     expected = {
-        "encoder": (["e/x"], ["e/mu", "e/logvar"]),
-        "generator": (["g/z"], ["g/x_hat"]),
-        "discriminator": (["d/x"], ["d/logit", "d/features", *(["d/patch"] if patch else [])]),
+        "encoder": (["e/x", *label("e")], ["e/mu", "e/logvar"]),
+        "generator": (["g/z", *label("g")], ["g/x_hat"]),
+        "discriminator": (["d/x", *label("d")], ["d/logit", "d/features", *(["d/patch"] if patch else [])]),
     }
     if names != expected:
         raise ValueError(f"unexpected graph inputs/outputs: {names}")
@@ -98,6 +106,15 @@ def compose_pipeline(
         "images", TensorProto.UINT8, [dims[0].dim_param or None, dims[2].dim_value, dims[3].dim_value, dims[1].dim_value]
     )
     pre_nodes, pre_consts = _normalize_nodes(mean, std)
+    inputs = [images_info]
+    label_nodes = []
+    if labelled:
+        inputs.append(_renamed(e.graph.input[1], "label"))
+        label_nodes = [
+            helper.make_node("Identity", ["label"], ["e/label"], name="pipeline/label_e"),
+            helper.make_node("Identity", ["label"], ["g/label"], name="pipeline/label_g"),
+            helper.make_node("Concat", ["label", "label"], ["d/label"], axis=0, name="pipeline/label_d"),
+        ]
     outputs = [
         _renamed(x_info, "x"),
         _renamed(g.graph.output[0], "x_hat"),
@@ -107,6 +124,7 @@ def compose_pipeline(
     ]
     nodes = [
         *pre_nodes,
+        *label_nodes,
         *e.graph.node,
         helper.make_node("Identity", ["e/mu"], ["g/z"], name="pipeline/mu_to_z"),
         *g.graph.node,
@@ -121,7 +139,7 @@ def compose_pipeline(
     graph = helper.make_graph(
         nodes,
         "vaegan_pipeline",
-        [images_info],
+        inputs,
         outputs,
         initializer=[*pre_consts, *e.graph.initializer, *g.graph.initializer, *d.graph.initializer],
         value_info=[*e.graph.value_info, *g.graph.value_info, *d.graph.value_info],

@@ -35,6 +35,7 @@ __all__ = [
     "check_temperature",
     "decode_latents",
     "draw_seed",
+    "is_int",
     "latent_path",
     "latent_samples",
     "lerp",
@@ -55,20 +56,21 @@ class _Generator(Protocol):
 
 
 # ---- argument checks ----------------------------------------------------------------------
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
+    """An int or numpy integer, not a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def check_n(n: int) -> int:
     """``n`` as an int in 1..:data:`MAX_SAMPLES`, else InvalidInput naming it."""
-    if not _is_int(n) or not 1 <= int(n) <= MAX_SAMPLES:
+    if not is_int(n) or not 1 <= int(n) <= MAX_SAMPLES:
         raise InvalidInput(f"n must be an integer in 1..{MAX_SAMPLES}, got {n!r}")
     return int(n)
 
 
 def check_steps(steps: int) -> int:
     """``steps`` as an int in :data:`MIN_STEPS`..:data:`MAX_STEPS`, else InvalidInput."""
-    if not _is_int(steps) or not MIN_STEPS <= int(steps) <= MAX_STEPS:
+    if not is_int(steps) or not MIN_STEPS <= int(steps) <= MAX_STEPS:
         raise InvalidInput(f"steps must be an integer in {MIN_STEPS}..{MAX_STEPS}, got {steps!r}")
     return int(steps)
 
@@ -95,7 +97,7 @@ def check_seed(seed: int | None) -> int | None:
     """``seed`` as None or an int >= 0 (what numpy's ``default_rng`` takes), else InvalidInput."""
     if seed is None:
         return None
-    if not _is_int(seed) or int(seed) < 0:
+    if not is_int(seed) or int(seed) < 0:
         raise InvalidInput(f"seed must be an integer >= 0, got {seed!r}")
     return int(seed)
 
@@ -155,10 +157,20 @@ def latent_path(a: np.ndarray, b: np.ndarray, steps: int = DEFAULT_STEPS, method
 
 
 # ---- decoding -----------------------------------------------------------------------------
-def decode_latents(generator: _Generator, z: np.ndarray, spec: ImageSpec, chunk: int) -> np.ndarray:
+def decode_latents(
+    generator: _Generator, z: np.ndarray, spec: ImageSpec, chunk: int, labels: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 (N, H, W, C) images G(z) for codes float32 (N, Z), ``chunk`` codes per generator
-    call, denormalized as reconstructions are (:func:`~service.runtime.preprocess.denormalize`)."""
+    call, denormalized as reconstructions are (:func:`~service.runtime.preprocess.denormalize`).
+    ``labels``: int64 (N,) classes, for the generator of a conditional bundle."""
     z = np.ascontiguousarray(z, np.float32)
     step = max(1, int(chunk))
-    parts = [generator.run(z=z[i : i + step])[0] for i in range(0, len(z), step)]
+
+    def feeds(i: int) -> dict[str, np.ndarray]:
+        part = {"z": z[i : i + step]}
+        if labels is not None:
+            part["label"] = np.ascontiguousarray(labels[i : i + step], np.int64)
+        return part
+
+    parts = [generator.run(**feeds(i))[0] for i in range(0, len(z), step)]
     return denormalize(parts[0] if len(parts) == 1 else np.concatenate(parts), spec)

@@ -8,6 +8,10 @@
     samples = rt.sample(16, seed=0)           # uint8 (16, H, W, C) drawn from the prior
     path = rt.interpolate(a, b, steps=8)      # uint8 (8, H, W, C) from G(mu(a)) to G(mu(b))
 
+A conditional bundle (``vaegan train --conditional``) scores each image against a class: the
+one given (``classes=[...]``, one per image) or, by default, its *best class*, the class under
+which the image scores lowest (:meth:`Runtime.forward_images`); ``ScoreResult.classes`` says which.
+
 Numpy and onnxruntime only. The server's dynamic batcher calls :meth:`Runtime.forward_images` on
 merged batches and :meth:`Runtime.score_forward` per request.
 """
@@ -18,7 +22,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +72,13 @@ class Forward:
     feat_x: np.ndarray  # (N, F) discriminator features of x
     feat_xhat: np.ndarray  # (N, F) discriminator features of x_hat
     patch: np.ndarray | None = None  # (N, 1, H, W) D's per-pixel logits of x; None: no patch head
+    classes: np.ndarray | None = None  # (N,) int64: the class each row ran with; None: unconditional
 
-    def __getitem__(self, s: slice) -> Forward:
+    def __getitem__(self, s: slice | np.ndarray) -> Forward:
+        """Rows ``s`` (a slice, or an index array)."""
         return Forward(
             self.x[s], self.x_hat[s], self.logit[s], self.feat_x[s], self.feat_xhat[s],
-            None if self.patch is None else self.patch[s],
+            None if self.patch is None else self.patch[s], None if self.classes is None else self.classes[s],
         )
 
     @classmethod
@@ -112,9 +118,14 @@ class ScoreResult:
     input_sizes: np.ndarray = field(default_factory=lambda: _no_rows(2))  # (N, 2) (height, width)
     conversions: list[str] = field(default_factory=list)  # per image: "", "grey->rgb", "rgb->grey"
     spec: ImageSpec | None = field(default=None, repr=False)  # the model's, for map_at_input
+    # (N,) int64: the class each image was scored against (a conditional bundle: the one asked
+    # for, or the best class); -1 for an unconditional bundle. Left empty: all -1.
+    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
         n = len(self.score)
+        if len(self.classes) == 0:
+            self.classes = np.full(n, -1, np.int64)
         h, w = self.anomaly_map.shape[1:3]
         if len(self.input_sizes) == 0:
             self.input_sizes = np.tile(np.array([h, w], np.int64), (n, 1))
@@ -188,9 +199,10 @@ class Runtime:
         """The composed pipeline: the bundle's ``pipeline.onnx`` (written at export), or for an
         older bundle the three graphs composed now (this imports onnx, about a second)."""
         s = self.spec
+        label = {"label": [None]} if self.bundle.conditional else {}
         signature = {
-            "inputs": {"images": [None, s.height, s.width, s.channels]},
-            "outputs": {**sigs["encoder"]["inputs"], **sigs["generator"]["outputs"], **sigs["discriminator"]["outputs"]},
+            "inputs": {"images": [None, s.height, s.width, s.channels], **label},
+            "outputs": {"x": sigs["encoder"]["inputs"]["x"], **sigs["generator"]["outputs"], **sigs["discriminator"]["outputs"]},
         }
         if self.bundle.pipeline_path is not None:
             return Graph(self.bundle.pipeline_path, signature, providers, intra_op_threads, spin)
@@ -246,29 +258,117 @@ class Runtime:
         s = self.spec
         self.forward_images(np.zeros((1, s.height, s.width, s.channels), np.uint8))
 
+    # ---- classes of a conditional bundle ------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """The classes of a conditional bundle; 0 for an unconditional one."""
+        return self.bundle.num_classes
+
+    def check_classes(self, classes: Sequence[int | None] | np.ndarray | None, n: int) -> np.ndarray | None:
+        """Validate per-image classes for ``n`` images -> int64 (n,), -1 = "the best class"
+        (an entry None or -1), or None when no class applies (``classes`` None on an
+        unconditional bundle; all entries "best" on a conditional one stay (n,) -1).
+
+        InvalidInput naming the entry: a class for an unconditional bundle, a class out of
+        0..num_classes-1, a non-integer, or a length other than ``n``.
+        """
+        k = self.num_classes
+        if classes is None:
+            return np.full(n, -1, np.int64) if k else None
+        if isinstance(classes, np.ndarray) and classes.ndim != 1:
+            raise InvalidInput(f"classes: expected one class per image, (N,), got shape {classes.shape}")
+        entries = list(classes)
+        if len(entries) != n:
+            raise InvalidInput(f"classes: got {len(entries)} classes for {n} images")
+        out = np.full(n, -1, np.int64)
+        for i, c in enumerate(entries):
+            if c is None or (generative.is_int(c) and int(c) == -1):
+                continue
+            if not generative.is_int(c):
+                raise InvalidInput(f"classes[{i}]: a class id must be an integer, got {c!r}")
+            if k == 0:
+                raise InvalidInput(
+                    f"classes[{i}]: this model is not conditional (trained without --conditional); send no class"
+                )
+            if not 0 <= int(c) < k:
+                raise InvalidInput(f"classes[{i}]: class {int(c)} is out of range; this model has classes 0..{k - 1}")
+            out[i] = int(c)
+        return out if k else None
+
+    def _with_classes(
+        self, run: Callable[[np.ndarray | None], Forward], labels: np.ndarray | None
+    ) -> Forward:
+        """``run(labels)`` -> Forward, with each -1 of ``labels`` (int64 (N,)) replaced by the
+        image's best class: the model runs once per class and every such image keeps the class
+        under which it scores lowest with the bundle's own weights (:meth:`class_scores`).
+        ``labels`` None (unconditional): one plain run."""
+        if labels is None:
+            return run(None)
+        best = labels < 0
+        if not best.any():
+            return dataclasses.replace(run(labels), classes=labels)
+        n = len(labels)
+        fwds = [run(np.where(best, k, labels)) for k in range(self.num_classes)]
+        scores = np.stack([self.class_scores(f) for f in fwds])  # (K, N)
+        chosen = np.where(best, scores.argmin(axis=0), labels).astype(np.int64)
+        rows = Forward.concat(fwds)[chosen * n + np.arange(n)]
+        return dataclasses.replace(rows, classes=chosen)
+
+    def class_scores(self, fwd: Forward) -> np.ndarray:
+        """The score that picks a conditional bundle's best class, float64 (N,): the combined
+        score under the bundle's calibrated weights, or for an uncalibrated bundle the raw
+        pixel component (the score it reports). Per-request weights never change the choice."""
+        cal = self.bundle.calibration
+        if cal is None:
+            return raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit, maps={})["pixel"]
+        return cal.combine(raw_components(fwd.x, fwd.x_hat, fwd.feat_x, fwd.feat_xhat, fwd.logit, fwd.patch))
+
     # ---- low level: ONNX Runtime runs ---------------------------------------------------
-    def forward_images(self, images: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
+    def forward_images(
+        self, images: np.ndarray, timings: dict[str, float] | None = None,
+        classes: Sequence[int | None] | np.ndarray | None = None,
+    ) -> Forward:
         """Normalize uint8 images (N, H, W, C) at model size and run E, G and D on them.
 
         One ONNX Runtime call of the composed pipeline graph, normalization included; or
         (``fuse=False``, or graphs that could not be composed) numpy normalization and
         :meth:`forward`. ``timings``, when given, receives each call's time in seconds, by graph
-        name (``pipeline`` for the composed graph).
-        """
-        if self.pipeline is None:
-            return self.forward(normalize(images, self.spec), timings)
-        n = images.shape[0]
-        x, x_hat, logit, feats, *patch = self._run("pipeline", self.pipeline, timings, images=images)
-        return Forward(x, x_hat, logit[:n], feats[:n], feats[n:], patch[0][:n] if patch else None)
+        name (``pipeline`` for the composed graph), summed over the calls.
 
-    def forward(self, x: np.ndarray, timings: dict[str, float] | None = None) -> Forward:
+        ``classes`` (conditional bundles): one class per image, None or -1 for its best class
+        (see :meth:`check_classes`); the model then runs once per class for those images.
+        ``Forward.classes`` says which class each row ran with.
+        """
+        labels = self.check_classes(classes, len(images))
+        if self.pipeline is None:
+            return self._with_classes(lambda lab: self._forward(normalize(images, self.spec), lab, timings), labels)
+        pipeline = self.pipeline
+        n = images.shape[0]
+
+        def run(lab: np.ndarray | None) -> Forward:
+            feeds = {"images": images} if lab is None else {"images": images, "label": lab}
+            x, x_hat, logit, feats, *patch = self._run("pipeline", pipeline, timings, **feeds)
+            return Forward(x, x_hat, logit[:n], feats[:n], feats[n:], patch[0][:n] if patch else None)
+
+        return self._with_classes(run, labels)
+
+    def forward(
+        self, x: np.ndarray, timings: dict[str, float] | None = None,
+        classes: Sequence[int | None] | np.ndarray | None = None,
+    ) -> Forward:
         """Run E, G and D, one call each, on a normalized batch (N, C, H, W); D sees x and
-        x_hat in one call. ``timings`` as in :meth:`forward_images`."""
+        x_hat in one call. ``timings`` and ``classes`` as in :meth:`forward_images`."""
+        return self._with_classes(lambda lab: self._forward(x, lab, timings), self.check_classes(classes, len(x)))
+
+    def _forward(self, x: np.ndarray, labels: np.ndarray | None, timings: dict[str, float] | None) -> Forward:
+        """:meth:`forward` with ``labels`` int64 (N,), each a class (None: unconditional)."""
         n = x.shape[0]
-        mu, _ = self._run("encoder", self.graphs["encoder"], timings, x=x)
-        (x_hat,) = self._run("generator", self.graphs["generator"], timings, z=mu)
+        lab = {} if labels is None else {"label": labels}
+        mu, _ = self._run("encoder", self.graphs["encoder"], timings, x=x, **lab)
+        (x_hat,) = self._run("generator", self.graphs["generator"], timings, z=mu, **lab)
         d_in = np.concatenate([x, x_hat])  # (2N, C, H, W)
-        logit, feats, *patch = self._run("discriminator", self.graphs["discriminator"], timings, x=d_in)
+        d_lab = {} if labels is None else {"label": np.concatenate([labels, labels])}
+        logit, feats, *patch = self._run("discriminator", self.graphs["discriminator"], timings, x=d_in, **d_lab)
         return Forward(x, x_hat, logit[:n], feats[:n], feats[n:], patch[0][:n] if patch else None)
 
     @staticmethod
@@ -277,20 +377,26 @@ class Runtime:
             return graph.run(**feeds)
         t0 = time.perf_counter()
         out = graph.run(**feeds)
-        timings[name] = time.perf_counter() - t0
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    def forward_chunked(self, images: np.ndarray) -> Forward:
+    def forward_chunked(self, images: np.ndarray, classes: Sequence[int | None] | np.ndarray | None = None) -> Forward:
         """:meth:`forward_images` in chunks of ``max_batch_size``."""
         step = self.max_batch_size
         if len(images) <= step:
-            return self.forward_images(images)
-        return Forward.concat([self.forward_images(images[i : i + step]) for i in range(0, len(images), step)])
+            return self.forward_images(images, classes=classes)
+        labels = self.check_classes(classes, len(images))
+        return Forward.concat([
+            self.forward_images(images[i : i + step], classes=None if labels is None else labels[i : i + step])
+            for i in range(0, len(images), step)
+        ])
 
-    def reconstruct_normalized(self, x: np.ndarray) -> np.ndarray:
-        """G(mu(x)) for a normalized batch; only E and G run."""
-        mu, _ = self.graphs["encoder"].run(x=x)
-        (x_hat,) = self.graphs["generator"].run(z=mu)
+    def reconstruct_normalized(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """G(mu(x)) for a normalized batch; only E and G run. ``labels``: int64 (N,) classes of
+        a conditional bundle (each in range; see :meth:`check_classes`)."""
+        lab = {} if labels is None else {"label": labels}
+        mu, _ = self.graphs["encoder"].run(x=x, **lab)
+        (x_hat,) = self.graphs["generator"].run(z=mu, **lab)
         return x_hat
 
     def score_forward(
@@ -326,7 +432,8 @@ class Runtime:
                 f"(threshold {thr}): the model produced NaN or inf; refusing to answer"
             )
         recon = denormalize(fwd.x_hat, self.spec) if with_reconstruction else None
-        return ScoreResult(score, score > thr, tail, thr, comps, amap, recon, spec=self.spec)
+        classes = np.full(len(score), -1, np.int64) if fwd.classes is None else np.asarray(fwd.classes, np.int64)
+        return ScoreResult(score, score > thr, tail, thr, comps, amap, recon, spec=self.spec, classes=classes)
 
     # ---- public API ---------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
@@ -339,34 +446,50 @@ class Runtime:
         weights: Mapping[str, float] | None = None,
         threshold: float | None = None,
         with_reconstruction: bool = False,
+        classes: Sequence[int | None] | np.ndarray | None = None,
     ) -> ScoreResult:
         """Score images: uint8 (N, H, W[, C]) arrays, PIL images, paths or encoded bytes.
 
         The result also says where each input landed (``regions``, ``input_sizes``,
         ``conversions``); :meth:`ScoreResult.map_at_input` gives a map at the input's size.
+
+        ``classes`` (conditional bundles only; InvalidInput on others): one class id per image
+        to score it against, None or -1 for its best class; ``None`` (the default): every image
+        against its best class, the one under which it scores lowest with the bundle's own
+        weights. ``ScoreResult.classes`` reports the class used (-1: unconditional bundle).
         """
         prepared = prepare_inputs(images, self.spec)
-        res = self.score_forward(self.forward_chunked(prepared.batch), weights, threshold, with_reconstruction)
+        fwd = self.forward_chunked(prepared.batch, self.check_classes(classes, len(prepared.batch)))
+        res = self.score_forward(fwd, weights, threshold, with_reconstruction)
         return res.with_inputs(self.spec, prepared.sizes, prepared.conversions)
 
-    def reconstruct(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, C) reconstructions at model resolution."""
+    def reconstruct(
+        self, images: Sequence[ImageLike] | np.ndarray, classes: Sequence[int | None] | np.ndarray | None = None
+    ) -> np.ndarray:
+        """uint8 (N, H, W, C) reconstructions at model resolution. A conditional bundle
+        reconstructs each image in its given class (``classes`` as in :meth:`score`), else in
+        its best class."""
+        if self.bundle.conditional:
+            fwd = self.forward_chunked(prepare_inputs(images, self.spec).batch, classes)
+            return denormalize(fwd.x_hat, self.spec)
+        self.check_classes(classes, len(images))  # none may be given
         x = self.preprocess(images)
         out = [self.reconstruct_normalized(x[i : i + self.max_batch_size]) for i in range(0, len(x), self.max_batch_size)]
         return denormalize(np.concatenate(out), self.spec)
 
-    def inpaint_normalized(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def inpaint_normalized(self, x: np.ndarray, mask: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Fill ``mask`` (bool (N, H, W), True = fill) in a normalized batch (N, C, H, W).
 
         The hole starts as training marks holes (:func:`~service.runtime.inpaint.hole_start`:
         the normalization mean), then ``x_k = x (1-m) + G(mu(x_{k-1})) m`` a few times; the fill
-        is shifted to match the brightness of the ring around the hole.
+        is shifted to match the brightness of the ring around the hole. ``labels``: int64 (N,)
+        classes of a conditional bundle (each in range).
         """
         m = mask[:, None].astype(np.float32)  # (N, 1, H, W)
         cur = hole_start(x, mask)
         gen = cur
         for _ in range(max(1, self.inpaint_iterations)):
-            gen = self.reconstruct_normalized(cur)
+            gen = self.reconstruct_normalized(cur, labels)
             cur = x * (1 - m) + gen * m
         gen = gen + border_offset(x, gen, mask)
         return x * (1 - m) + gen * m  # denormalize() clips to the pixel range
@@ -375,19 +498,24 @@ class Runtime:
         self,
         images: Sequence[ImageLike] | np.ndarray,
         masks: Sequence[ImageLike] | np.ndarray,
+        classes: Sequence[int | None] | np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """Fill the masked pixels (non-zero = fill). Returns uint8 images at each input's size
         with the model's channel count; pixels outside the mask are returned unchanged, and so
         are masked pixels the model does not see (outside the centre box of ``center_crop``).
-        A grey input into an RGB model gets a grey fill."""
+        A grey input into an RGB model gets a grey fill. A conditional bundle fills each image
+        in its given class (``classes`` as in :meth:`score`) or else in the best class of the
+        image with its holes marked as training marks them."""
         originals, conversions = self._originals(images)
         if len(masks) != len(originals):
             raise InvalidInput(f"masks: got {len(masks)} masks for {len(originals)} images")
+        labels = self.check_classes(classes, len(originals))
         full_masks = [prepare_mask(m, o.shape[:2], f"mask {i}") for i, (m, o) in enumerate(zip(masks, originals, strict=True))]
-        return self._inpaint_originals(originals, full_masks, conversions)
+        return self._inpaint_originals(originals, full_masks, conversions, labels)
 
     def repair(
-        self, images: Sequence[ImageLike] | np.ndarray, dilation: int = 1, scored: ScoreResult | None = None
+        self, images: Sequence[ImageLike] | np.ndarray, dilation: int = 1, scored: ScoreResult | None = None,
+        classes: Sequence[int | None] | np.ndarray | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Inpaint each image where its anomaly map exceeds the calibrated map threshold.
 
@@ -395,23 +523,28 @@ class Runtime:
         the spec's geometry, so only pixels the model scored can change: never letterbox
         padding, never the border that ``center_crop`` cuts away. ``scored``: these images'
         :meth:`score` result when already at hand (not scored again; its ``conversions`` say
-        which inputs were grey).
+        which inputs were grey). A conditional bundle scores with ``classes`` (as in
+        :meth:`score`) and fills each image in the class it was scored against.
         """
         cal = self.bundle.calibration
         if cal is None:
             raise ModelNotReady("repair needs a calibrated bundle (no map threshold)")
         originals, conversions = self._originals(images)
         if scored is None:
-            res = self.score(originals)
+            res = self.score(originals, classes=classes)
         else:
             res, conversions = scored, scored.conversions
         masks_small = dilate(res.anomaly_map > cal.map_threshold, dilation)
         masks = [
             mask_to_input(m, o.shape[0], o.shape[1], self.spec) for m, o in zip(masks_small, originals, strict=True)
         ]
-        return self._inpaint_originals(originals, masks, conversions), masks
+        labels = self.check_classes(res.classes, len(originals))  # the classes scored against
+        return self._inpaint_originals(originals, masks, conversions, labels), masks
 
-    def sample(self, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+    def sample(
+        self, n: int, seed: int | None = None, temperature: float = 1.0,
+        classes: int | Sequence[int] | np.ndarray | None = None,
+    ) -> np.ndarray:
         """``n`` images drawn from the model: uint8 (n, H, W, C) at model size.
 
         z ~ N(0, temperature^2 I) from numpy's ``default_rng(seed)`` (float32 (n, Z)), decoded
@@ -419,11 +552,28 @@ class Runtime:
         are. The same seed gives the same images (and a larger ``n`` the same first ones);
         ``seed=None`` draws fresh ones. ``n`` in 1..1024, ``temperature`` finite and > 0
         (InvalidInput otherwise); lower temperatures give more typical, less varied images.
+
+        ``classes`` (conditional bundles only): one class for all images, or one per image;
+        None: the classes in turn (0, 1, ..., K-1, 0, ...). The codes do not depend on it.
         """
         z = generative.latent_samples(n, self.bundle.latent_dim, seed, temperature)
-        return generative.decode_latents(self.graphs["generator"], z, self.spec, self.max_batch_size)
+        labels = self._sample_labels(len(z), classes)
+        return generative.decode_latents(self.graphs["generator"], z, self.spec, self.max_batch_size, labels)
 
-    def interpolate(self, a: ImageLike, b: ImageLike, steps: int = 8, method: str = "linear") -> np.ndarray:
+    def _sample_labels(self, n: int, classes: int | Sequence[int] | np.ndarray | None) -> np.ndarray | None:
+        """int64 (n,) classes for :meth:`sample` (round-robin when None), or None (unconditional)."""
+        if generative.is_int(classes):
+            classes = [int(classes)] * n  # type: ignore[arg-type]
+        elif classes is None and self.bundle.conditional:
+            classes = np.arange(n) % self.num_classes
+        labels = self.check_classes(classes, n)  # type: ignore[arg-type]
+        if labels is not None and (labels < 0).any():
+            raise InvalidInput(f"classes[{int(np.argmax(labels < 0))}]: sampling needs a class (no image to choose one for)")
+        return labels
+
+    def interpolate(
+        self, a: ImageLike, b: ImageLike, steps: int = 8, method: str = "linear", class_id: int | None = None
+    ) -> np.ndarray:
         """The decoded path between two images' codes: uint8 (steps, H, W, C) at model size.
 
         ``a`` and ``b`` (any size and mode, as :meth:`score` takes them; errors name them ``a``
@@ -432,12 +582,21 @@ class Runtime:
         (``"linear"``) or on the great circle through them (``"slerp"``, which falls back to the
         line for nearly parallel codes), and decoded. The first and last images are the
         reconstructions G(mu(a)) and G(mu(b)) (:meth:`reconstruct`). ``steps`` in 2..256.
+
+        A conditional bundle walks the whole path in one class: ``class_id``, or else ``a``'s
+        best class; both ends are encoded and every code decoded in it.
         """
         steps, method = generative.check_steps(steps), generative.check_method(method)
         ends = [decode_image(img, where=name) for name, img in (("a", a), ("b", b))]
-        mu, _ = self.graphs["encoder"].run(x=self.preprocess(ends))  # (2, Z)
+        x = self.preprocess(ends)  # (2, C, H, W)
+        label = self.check_classes(None if class_id is None else [class_id], 1)
+        if label is not None and label[0] < 0:  # a's best class
+            label = self.forward(x[:1], classes=label).classes
+        pair = None if label is None else np.repeat(label, 2)
+        mu, _ = self.graphs["encoder"].run(x=x, **({} if pair is None else {"label": pair}))  # (2, Z)
         z = generative.latent_path(mu[0], mu[1], steps, method)
-        return generative.decode_latents(self.graphs["generator"], z, self.spec, self.max_batch_size)
+        path_labels = None if label is None else np.repeat(label, len(z))
+        return generative.decode_latents(self.graphs["generator"], z, self.spec, self.max_batch_size, path_labels)
 
     # ---- helpers ------------------------------------------------------------------------
     def _originals(self, images: Sequence[ImageLike] | np.ndarray) -> tuple[list[np.ndarray], list[str]]:
@@ -455,10 +614,13 @@ class Runtime:
         return out, conversions
 
     def _inpaint_originals(
-        self, originals: list[np.ndarray], masks: list[np.ndarray], conversions: Sequence[str]
+        self, originals: list[np.ndarray], masks: list[np.ndarray], conversions: Sequence[str],
+        labels: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """Inpaint in the model frame (the images and masks as the model sees them), then write
-        the fill back into the masked input pixels the model saw."""
+        the fill back into the masked input pixels the model saw. ``labels``: int64 (N,)
+        classes of a conditional bundle, -1 = the best class of the image with its holes
+        marked (:func:`~service.runtime.inpaint.hole_start`)."""
         s = self.spec
         small = np.stack([to_model_size(o, s) for o in originals])  # (N, H, W, C)
         small_masks = np.stack([mask_to_model(m, s) for m in masks])  # (N, H, W)
@@ -466,7 +628,10 @@ class Runtime:
         filled = []
         for i in range(0, len(x), self.max_batch_size):
             sl = slice(i, i + self.max_batch_size)
-            filled.append(self.inpaint_normalized(x[sl], small_masks[sl]))
+            lab = None if labels is None else labels[sl]
+            if lab is not None and (lab < 0).any():
+                lab = self.forward(hole_start(x[sl], small_masks[sl]), classes=lab).classes
+            filled.append(self.inpaint_normalized(x[sl], small_masks[sl], lab))
         filled_u8 = denormalize(np.concatenate(filled), s)  # (N, H, W, C)
         return [
             self._paste_fill(o, m, f, grey=kind == "grey->rgb")

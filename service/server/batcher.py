@@ -7,7 +7,8 @@ so batches form with no added delay. The merged batch goes through ``run`` once 
 :class:`~service.server.pipeline.BatchRunner`: one
 :meth:`Runtime.forward_images <service.runtime.Runtime.forward_images>` call), and each request gets its own
 rows back, in order. A request larger than ``max_batch_size`` is split into chunks, which may
-share runs with other requests.
+share runs with other requests. Per-image classes (a conditional model's ``Image.class_id``)
+travel with their images: merged in the same order, -1 for the images of requests that sent none.
 
 Each model instance is a worker thread (on the given executor) that collects its next batch
 *itself*, from a thread-safe queue, the moment its previous run ends. The event loop only
@@ -52,6 +53,7 @@ class _Item(Generic[Out]):
     x: np.ndarray  # (n, ...) with n <= max_batch_size
     future: asyncio.Future[Out]
     enqueued: float  # time.monotonic() at arrival
+    classes: np.ndarray | None = None  # int64 (n,): each image's class, -1 = none asked for
 
 
 class DynamicBatcher(Generic[Out]):
@@ -60,7 +62,8 @@ class DynamicBatcher(Generic[Out]):
     ``run(x, timings)`` takes the merged inputs (N, ...) and returns a result whose slices are
     each request's rows (e.g. :meth:`Runtime.forward <service.runtime.Runtime.forward>` and
     :class:`~service.runtime.Forward`); it may fill ``timings`` (name -> seconds) for the
-    metrics. ``concat`` joins the parts of a request that was split over several runs.
+    metrics. When a request in the merged batch came with classes (:meth:`infer`), it is called
+    as ``run(x, timings, classes)`` with the merged int64 (N,) classes (-1 for images without). ``concat`` joins the parts of a request that was split over several runs.
     ``finish(out)``, if given, post-processes each merged result on ``finish_executor`` while
     the model already runs the next batch (a two-stage pipeline). ``instances`` worker threads
     run on ``executor`` from :meth:`start` to :meth:`close` (it needs that many threads free).
@@ -68,7 +71,7 @@ class DynamicBatcher(Generic[Out]):
 
     def __init__(
         self,
-        run: Callable[[np.ndarray, dict[str, float]], Out],
+        run: Callable[..., Out],
         executor: Executor,
         *,
         concat: Callable[[list[Out]], Out],
@@ -136,8 +139,11 @@ class DynamicBatcher(Generic[Out]):
         self._workers = []
 
     # ---- the API ------------------------------------------------------------------------
-    async def infer(self, x: np.ndarray) -> Out:
-        """``run(x)`` for a batch (N, ...), merged with other calls' inputs."""
+    async def infer(self, x: np.ndarray, classes: np.ndarray | None = None) -> Out:
+        """``run(x)`` for a batch (N, ...), merged with other calls' inputs. ``classes``: int64
+        (N,), a class per image (-1: none), carried through the merge with the images."""
+        if classes is not None and len(classes) != len(x):
+            raise ValueError(f"{len(classes)} classes for {len(x)} images")
         if not self._workers or self._closing or any(w.done() for w in self._workers):
             raise ModelNotReady("the model is not serving")
         loop = asyncio.get_running_loop()
@@ -146,8 +152,9 @@ class DynamicBatcher(Generic[Out]):
         with self._cond:
             for start in range(0, len(x), self.max_batch_size):
                 chunk = x[start : start + self.max_batch_size]  # (n <= max_batch_size, ...)
+                labels = None if classes is None else classes[start : start + self.max_batch_size]
                 future: asyncio.Future[Out] = loop.create_future()
-                self._queue.append(_Item(chunk, future, now))
+                self._queue.append(_Item(chunk, future, now, labels))
                 self._queued_images += len(chunk)
                 futures.append(future)
             self._cond.notify()
@@ -223,7 +230,11 @@ class DynamicBatcher(Generic[Out]):
         started = time.monotonic()
         x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch])  # (N, ...)
         timings: dict[str, float] = {}
-        out = self.run(x, timings)
+        if all(it.classes is None for it in batch):
+            out = self.run(x, timings)
+        else:  # (N,): each request's classes, -1 for the images of requests without
+            classes = np.concatenate([np.full(len(it.x), -1, np.int64) if it.classes is None else it.classes for it in batch])
+            out = self.run(x, timings, classes)  # type: ignore[call-arg]
         if self.metrics is not None:
             for it in batch:
                 self.metrics.queue_wait.labels(*self.labels).observe(started - it.enqueued)

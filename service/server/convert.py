@@ -60,6 +60,7 @@ __all__ = [
     "model_inputs",
     "name_image",
     "raw_model_batch",
+    "request_classes",
     "response_floor_bytes",
     "sample_args",
     "sample_response",
@@ -136,6 +137,29 @@ def check_ids(images: Sequence[pb.Image], what: str = "image") -> None:
         size = len(img.id.encode("utf-8"))
         if size > MAX_ID_BYTES:
             raise InvalidInput(f"{name_image(i, img.id, what)}: the id is {size} bytes; at most {MAX_ID_BYTES}")
+
+
+def _check_class(class_id: int, rt: Runtime, where: str) -> int:
+    """A request's class id for ``rt``'s model: INVALID_ARGUMENT naming ``where`` when the model
+    is not conditional or the id is out of range."""
+    k = rt.num_classes
+    if k == 0:
+        raise InvalidInput(f"{where}: class_id is set, but this model is not conditional (trained without "
+                           "--conditional); leave class_id unset")
+    if not 0 <= class_id < k:
+        raise InvalidInput(f"{where}: class_id {class_id} is out of range; this model has classes 0..{k - 1}")
+    return class_id
+
+
+def request_classes(images: Sequence[pb.Image], rt: Runtime, what: str = "image") -> np.ndarray | None:
+    """The images' ``class_id`` fields: int64 (N,), -1 where unset (the best class), or None
+    when no image sets one. Errors name the image (see :func:`_check_class`)."""
+    if not any(img.HasField("class_id") for img in images):
+        return None
+    return np.array([
+        _check_class(img.class_id, rt, name_image(i, img.id, what)) if img.HasField("class_id") else -1
+        for i, img in enumerate(images)
+    ], np.int64)
 
 
 def _format(fmt: int, where: str) -> int:
@@ -429,6 +453,8 @@ def score_response(
             input_width=int(res.input_sizes[i][1]),
             conversion=res.conversions[i],
         )
+        if res.classes[i] >= 0:  # a conditional model: the class scored against
+            r.class_id = int(res.classes[i])
         if opts.anomaly_map:
             r.anomaly_map.CopyFrom(_anomaly_map(_anomaly_map_of(res, i, opts), fmt, scale))
         if opts.reconstruction and res.reconstruction is not None:
@@ -460,6 +486,7 @@ class SampleArgs:
     seed: int  # the request's, or one drawn for it (returned in SampleResponse.seed)
     temperature: float
     image_format: int
+    class_id: int | None = None  # a conditional model's class for every image; None: in turn
 
 
 @dataclass(frozen=True)
@@ -469,21 +496,26 @@ class InterpolateArgs:
     steps: int
     method: str
     image_format: int
+    class_id: int | None = None  # a conditional model's class for the path; None: a's best class
 
 
-def sample_args(request: pb.SampleRequest, limits: Limits) -> SampleArgs:
+def sample_args(request: pb.SampleRequest, limits: Limits, rt: Runtime) -> SampleArgs:
     """n in 1..1024 (then ``--max-images-per-request``: RESOURCE_EXHAUSTED), a finite
-    temperature > 0 (0 = 1.0), a known image format; an unset seed is drawn here."""
+    temperature > 0 (0 = 1.0), a known image format, a class only for a conditional model and
+    in its range; an unset seed is drawn here."""
     n = generative.check_n(request.n)
     check_count(n, limits, "n")
     temperature = generative.check_temperature(request.temperature or 1.0)
+    class_id = _check_class(request.class_id, rt, "class_id") if request.HasField("class_id") else None
     seed = request.seed if request.HasField("seed") else generative.draw_seed()
-    return SampleArgs(n, seed, temperature, _format(request.image_format, "image_format"))
+    return SampleArgs(n, seed, temperature, _format(request.image_format, "image_format"), class_id)
 
 
-def interpolate_args(request: pb.InterpolateRequest, limits: Limits) -> InterpolateArgs:
+def interpolate_args(request: pb.InterpolateRequest, limits: Limits, rt: Runtime) -> InterpolateArgs:
     """steps in 2..256 (0 = 8; then ``--max-images-per-request``), method ``linear`` (also
-    when empty) or ``slerp``, a known image format, image ids of at most MAX_ID_BYTES."""
+    when empty) or ``slerp``, a known image format, image ids of at most MAX_ID_BYTES, and the
+    path's class from ``a.class_id`` or ``b.class_id`` (a conditional model only; both set:
+    they must agree)."""
     steps = generative.check_steps(request.steps or generative.DEFAULT_STEPS)
     check_count(steps, limits, "steps")
     method = generative.check_method(request.method or "linear")
@@ -492,7 +524,14 @@ def interpolate_args(request: pb.InterpolateRequest, limits: Limits) -> Interpol
         size = len(img.id.encode("utf-8"))
         if size > MAX_ID_BYTES:
             raise InvalidInput(f"{name_image(None, img.id, field)}: the id is {size} bytes; at most {MAX_ID_BYTES}")
-    return InterpolateArgs(steps, method, _format(request.image_format, "image_format"))
+    given = {
+        field: _check_class(getattr(request, field).class_id, rt, f"{field}.class_id")
+        for field in ENDS if getattr(request, field).HasField("class_id")
+    }
+    if len(set(given.values())) > 1:
+        raise InvalidInput(f"a.class_id {given['a']} and b.class_id {given['b']} differ; a path is decoded in one class")
+    class_id = next(iter(given.values()), None)
+    return InterpolateArgs(steps, method, _format(request.image_format, "image_format"), class_id)
 
 
 def declared_end_pixels(request: pb.InterpolateRequest, limits: Limits) -> int:
@@ -552,6 +591,7 @@ def model_info(rt: Runtime, config: ServiceConfig) -> pb.ModelInfo:
             max_message_bytes=config.max_message_bytes,
         ),
         anomaly_map_full_scale=full_scale(spec, b.calibration),
+        class_names=b.class_names,
     )
     cal = b.calibration
     if cal is None:

@@ -30,6 +30,7 @@ def slice_result(res: ScoreResult, s: slice) -> ScoreResult:
         components={k: v[s] for k, v in res.components.items()},
         anomaly_map=res.anomaly_map[s],
         reconstruction=None if res.reconstruction is None else res.reconstruction[s],
+        classes=res.classes[s],
     )
 
 
@@ -40,7 +41,7 @@ def _concat_results(parts: list[ScoreResult]) -> ScoreResult:
     components = {k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components}
     return ScoreResult(
         cat("score"), cat("is_outlier"), cat("tail_probability"), parts[0].threshold, components,
-        cat("anomaly_map"),
+        cat("anomaly_map"), classes=cat("classes"),
     )
 
 
@@ -70,9 +71,10 @@ def concat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
 class BatchRunner:
     """The two stages of a merged batch.
 
-    ``runner(x, timings)`` on the ONNX Runtime thread: x uint8 (N, H, W, C) at model size ->
-    :meth:`Runtime.forward_images` (normalized inside the composed graph; ``timings`` gets each
-    ONNX Runtime call's seconds, and ``forward`` for the whole step).
+    ``runner(x, timings[, classes])`` on the ONNX Runtime thread: x uint8 (N, H, W, C) at model
+    size -> :meth:`Runtime.forward_images` (normalized inside the composed graph; ``timings``
+    gets each ONNX Runtime call's seconds, and ``forward`` for the whole step); ``classes``:
+    int64 (N,) per-image classes of a conditional model, -1 (or no ``classes``) = best class.
     ``runner.score(batch)`` on a CPU thread, while the model runs the next batch: the scores
     under the model's own weights and threshold, for every request that uses them.
     """
@@ -80,9 +82,9 @@ class BatchRunner:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def __call__(self, x: np.ndarray, timings: dict[str, float]) -> ScoredBatch:
+    def __call__(self, x: np.ndarray, timings: dict[str, float], classes: np.ndarray | None = None) -> ScoredBatch:
         t0 = time.perf_counter()
-        fwd = self.runtime.forward_images(x, timings)
+        fwd = self.runtime.forward_images(x, timings, classes)
         timings["forward"] = time.perf_counter() - t0
         return ScoredBatch(fwd)
 

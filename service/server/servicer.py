@@ -135,16 +135,17 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
             raise InvalidInput("options.return_repaired needs a calibrated model")
         convert.check_count(len(request.images), self.limits)
         convert.check_ids(request.images)
+        classes = convert.request_classes(request.images, model.runtime)  # None: no image sets one
         raw = self._raw_inline(request, model.runtime, opts)
         if raw is not None:
             self._check_response_floor(request, model, len(raw.batch) * raw.batch.shape[1] * raw.batch.shape[2], opts)
-            response = await self._score_prepared(request, model, [], raw, opts)
+            response = await self._score_prepared(request, model, [], raw, opts, classes)
         else:
             pixels = await self._in_pool(self.decode_pool, convert.declared_pixels, request.images, self.limits)
             self._check_response_floor(request, model, pixels, opts)  # refused before any work
             async with self.inflight.reserve(pixels):  # until the answer is built: originals live that long
                 originals, prepared = await self._decoding(self._decode, request, model.runtime, opts.repaired)
-                response = await self._score_prepared(request, model, originals, prepared, opts)
+                response = await self._score_prepared(request, model, originals, prepared, opts, classes)
         response.model_name, response.model_version = model.name, model.version
         return response
 
@@ -156,9 +157,9 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
 
     async def _score_prepared(
         self, request: pb.ScoreRequest, model: LoadedModel, originals: list[np.ndarray], prepared: Prepared,
-        opts: convert.ScoreOptions,
+        opts: convert.ScoreOptions, classes: np.ndarray | None = None,
     ) -> pb.ScoreResponse:
-        scored = await model.batcher.infer(prepared.batch)
+        scored = await model.batcher.infer(prepared.batch, classes)
         if opts.default_scoring and not opts.pictures and len(request.images) <= INLINE_MAX:
             return self._respond(request, model, scored, originals, prepared, opts)  # cheap
         return await self._in_pool(
@@ -200,7 +201,8 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         if res is None or not opts.default_scoring:
             res = rt.score_forward(scored.fwd, opts.weights, opts.threshold, opts.reconstruction)
         res = res.with_inputs(rt.spec, prepared.sizes, prepared.conversions)
-        repaired = rt.repair(originals) if opts.repaired else None
+        # a conditional model repairs each image in the class it was scored against
+        repaired = rt.repair(originals, classes=res.classes if rt.num_classes else None) if opts.repaired else None
         self.metrics.outliers.labels(model.name, model.version).inc(int(np.count_nonzero(res.is_outlier)))
         scores = self.metrics.scores.labels(model.name, model.version)
         for s in res.score:
@@ -228,16 +230,17 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         return response
 
     def _inpaint(self, request: pb.InpaintRequest, rt: Runtime) -> pb.InpaintResponse:
+        classes = convert.request_classes(request.images, rt)
         budget = convert.PixelBudget(self.limits)  # images and masks together
         images = convert.decode_images(request.images, self.limits, budget=budget)
         masks = convert.decode_masks(request.masks, request.images, images, self.limits, budget)
-        filled = rt.inpaint(images, masks)
+        filled = rt.inpaint(images, masks, classes)
         return convert.inpaint_response([img.id for img in request.images], filled, request.image_format)
 
     # ---- Sample and Interpolate: the generator on the decode pool, as Inpaint ------------
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
         with self.models.use(request.model_name, request.model_version) as model:
-            args = convert.sample_args(request, self.limits)
+            args = convert.sample_args(request, self.limits, model.runtime)
             self._check_images_floor(args.n, model.runtime, args.image_format)
             response = await self._in_pool(self.decode_pool, self._sample, model.runtime, args)
         response.model_name, response.model_version = model.name, model.version
@@ -245,14 +248,14 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         return response
 
     def _sample(self, rt: Runtime, args: convert.SampleArgs) -> pb.SampleResponse:
-        images = rt.sample(args.n, args.seed, args.temperature)
+        images = rt.sample(args.n, args.seed, args.temperature, args.class_id)
         return self._checked_size(convert.sample_response(images, args.image_format, args.seed), args.image_format)
 
     async def Interpolate(
         self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext
     ) -> pb.InterpolateResponse:
         with self.models.use(request.model_name, request.model_version) as model:
-            args = convert.interpolate_args(request, self.limits)
+            args = convert.interpolate_args(request, self.limits, model.runtime)
             self._check_images_floor(args.steps, model.runtime, args.image_format)
             pixels = await self._in_pool(self.decode_pool, convert.declared_end_pixels, request, self.limits)
             async with self.inflight.reserve(pixels):
@@ -266,7 +269,7 @@ class OutlierServicer(pb_grpc.OutlierServiceServicer):
         abandoned: threading.Event | None = None,
     ) -> pb.InterpolateResponse:
         a, b = convert.decode_ends(request, self.limits, abandoned)
-        images = rt.interpolate(a, b, args.steps, args.method)
+        images = rt.interpolate(a, b, args.steps, args.method, args.class_id)
         return self._checked_size(convert.interpolate_response(images, args.image_format), args.image_format)
 
     def _check_images_floor(self, n: int, rt: Runtime, fmt: int) -> None:

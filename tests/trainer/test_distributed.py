@@ -128,3 +128,23 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
     # torchrun prints its own ChildFailedError traceback; none comes from the project's code
     frames = [ln for ln in res.stderr.splitlines() if 'File "' in ln]
     assert all("site-packages" in ln or "<frozen" in ln for ln in frames), frames
+
+
+def test_conditional_two_processes_end_with_the_parameters_of_one(tmp_path: Path) -> None:
+    """--conditional: the labels travel with their rows and the prior samples' labels are drawn
+    for the global batch, so 2 processes still end where 1 does."""
+    from tests.conditional_data import write_conditional_folder
+    from vaegan.cli import main
+
+    torch.set_num_threads(1)
+    root = write_conditional_folder(tmp_path / "data")
+    image_size = TINY.index("--image-size")  # the folder's own 28x28 instead
+    args = ["--dataset", "folder", "--data-root", str(root), "--conditional",
+            *TINY[2:image_size], *TINY[image_size + 2 :]]
+    res = _torchrun(2, *args, "--out", str(tmp_path / "two"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    ckpt = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["model_config"]["num_classes"] == 3
+    diff = _max_diff(_states(tmp_path / "one"), _states(tmp_path / "two"))
+    assert diff < TOL, f"2 processes differ from 1 by {diff:.3g} (tolerance {TOL})"

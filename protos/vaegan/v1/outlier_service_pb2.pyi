@@ -36,14 +36,16 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("id", "encoded", "tensor")
+    __slots__ = ("id", "encoded", "tensor", "class_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     encoded: bytes
     tensor: Tensor
-    def __init__(self, id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class_id: int
+    def __init__(self, id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., class_id: _Optional[int] = ...) -> None: ...
 
 class Components(_message.Message):
     __slots__ = ("pixel", "feature", "disc", "pixel_local", "disc_local")
@@ -102,7 +104,7 @@ class Region(_message.Message):
     def __init__(self, top: _Optional[int] = ..., left: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class ImageScore(_message.Message):
-    __slots__ = ("id", "score", "is_outlier", "tail_probability", "threshold", "components", "anomaly_map", "reconstruction", "repaired", "repair_mask", "region", "input_height", "input_width", "conversion")
+    __slots__ = ("id", "score", "is_outlier", "tail_probability", "threshold", "components", "anomaly_map", "reconstruction", "repaired", "repair_mask", "region", "input_height", "input_width", "conversion", "class_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IS_OUTLIER_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class ImageScore(_message.Message):
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
     CONVERSION_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     is_outlier: bool
@@ -131,7 +134,8 @@ class ImageScore(_message.Message):
     input_height: int
     input_width: int
     conversion: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_outlier: _Optional[bool] = ..., tail_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., anomaly_map: _Optional[_Union[Image, _Mapping]] = ..., reconstruction: _Optional[_Union[Image, _Mapping]] = ..., repaired: _Optional[_Union[Image, _Mapping]] = ..., repair_mask: _Optional[_Union[Image, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., conversion: _Optional[str] = ...) -> None: ...
+    class_id: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_outlier: _Optional[bool] = ..., tail_probability: _Optional[float] = ..., threshold: _Optional[float] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., anomaly_map: _Optional[_Union[Image, _Mapping]] = ..., reconstruction: _Optional[_Union[Image, _Mapping]] = ..., repaired: _Optional[_Union[Image, _Mapping]] = ..., repair_mask: _Optional[_Union[Image, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., conversion: _Optional[str] = ..., class_id: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results", "model_name", "model_version")
@@ -172,20 +176,22 @@ class InpaintResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[InpaintedImage, _Mapping]]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("n", "seed", "temperature", "image_format", "model_name", "model_version")
+    __slots__ = ("n", "seed", "temperature", "image_format", "model_name", "model_version", "class_id")
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     n: int
     seed: int
     temperature: float
     image_format: ImageFormat
     model_name: str
     model_version: str
-    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    class_id: int
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., class_id: _Optional[int] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("images", "seed", "model_name", "model_version")
@@ -317,7 +323,7 @@ class BatchingSettings(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "image", "latent_dim", "feature_dim", "calibration", "providers", "batching", "anomaly_map_full_scale")
+    __slots__ = ("name", "version", "image", "latent_dim", "feature_dim", "calibration", "providers", "batching", "anomaly_map_full_scale", "class_names")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +333,7 @@ class ModelInfo(_message.Message):
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     ANOMALY_MAP_FULL_SCALE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     image: ImageShape
@@ -336,4 +343,5 @@ class ModelInfo(_message.Message):
     providers: _containers.RepeatedScalarFieldContainer[str]
     batching: BatchingSettings
     anomaly_map_full_scale: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., image: _Optional[_Union[ImageShape, _Mapping]] = ..., latent_dim: _Optional[int] = ..., feature_dim: _Optional[int] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., anomaly_map_full_scale: _Optional[float] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., image: _Optional[_Union[ImageShape, _Mapping]] = ..., latent_dim: _Optional[int] = ..., feature_dim: _Optional[int] = ..., calibration: _Optional[_Union[CalibrationSummary, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., anomaly_map_full_scale: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
