@@ -46,6 +46,9 @@ VARIANTS = {
     "vaegan-lsgan (no negatives)": {"adv_loss": "lsgan", "d_negatives": ""},
     "vaegan-bce-erase": {"adv_loss": "bce", "d_negatives": "erase"},
     "vae (no adversarial term)": {"adv_loss": "none", "d_negatives": ""},
+    # the training variants of `vaegan train` (README, Training variants), on top of the main row
+    "vaegan-lsgan-erase + input-noise 0.2 (denoising)": {"adv_loss": "lsgan", "d_negatives": "erase", "input_noise": 0.2},
+    "vaegan-lsgan-erase + weight-decay 1e-5": {"adv_loss": "lsgan", "d_negatives": "erase", "weight_decay": 1e-5},
 }
 
 
@@ -179,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other TrainConfig field, e.g. --set kl_weight=2 (repeatable)")
-    p.add_argument("--ablation-classes", default="", help="classes for the ablation rows (no negatives, BCE, VAE only)")
+    p.add_argument("--ablation-classes", default="", help="classes for the ablation rows (no negatives, BCE, VAE only, "
+                   "the training variants)")
+    p.add_argument("--ablation-variants", default="",
+                   help="comma list of words: only the ablation rows whose name contains one of them (default: all)")
     p.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores: 3 classes, few epochs")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/one_class_<dataset>[_quick].json)")
@@ -209,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     test = load_dataset(args.dataset, args.data_root, "test", spec)
     rows: list[dict] = []
     jobs = [(k, MAIN) for k in parse_classes(args.classes)]
-    jobs += [(k, v) for k in parse_classes(args.ablation_classes) for v in VARIANTS if v != MAIN]
+    wanted = [w.strip() for w in args.ablation_variants.split(",") if w.strip()]
+    ablations = [v for v in VARIANTS if v != MAIN and (not wanted or any(w in v for w in wanted))]
+    jobs += [(k, v) for k in parse_classes(args.ablation_classes) for v in ablations]
     t0 = time.perf_counter()
     for k, variant in jobs:
         rows.append(run_class(args, k, variant, test, spec))
