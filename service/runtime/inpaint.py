@@ -30,7 +30,10 @@ __all__ = [
 
 
 def prepare_mask(src: ImageLike, shape: tuple[int, int], where: str) -> np.ndarray:
-    """Any image-like mask -> bool (H, W), non-zero = fill; must match the image's (H, W)."""
+    """Any image-like mask -> bool (H, W), non-zero = fill; must match the image's (H, W).
+    Boolean arrays are taken as they are (True = fill)."""
+    if isinstance(src, np.ndarray) and src.dtype == np.bool_:
+        src = src.astype(np.uint8)
     m = decode_image(src, where=where)
     if m.ndim == 3:
         m = m.max(axis=2)

@@ -181,6 +181,28 @@ def test_inpaint_matches_the_runtime(stub, runtime: Runtime, images) -> None:
             np.testing.assert_array_equal(got[m == 0], a[m == 0])
 
 
+def test_inpaint_edge_masks_have_documented_results(stub, runtime: Runtime, images) -> None:
+    """All-zero masks return the image bit for bit; all-one masks replace every pixel with the
+    model's completion; an RGB mask counts a pixel as a hole when any channel is non-zero
+    (as a grey mask of the channel maximum)."""
+    a = images[0]  # 32x32 RGB
+    grey = np.zeros(a.shape[:2], np.uint8)
+    grey[8:20, 4:16] = 255
+    rgb = np.zeros((*a.shape[:2], 3), np.uint8)
+    rgb[8:20, 4:16, 1] = 200  # only the green channel marks the hole
+    masks = [np.zeros(a.shape[:2], np.uint8), np.full(a.shape[:2], 255, np.uint8), rgb, grey]
+    req = pb.InpaintRequest(images=request_images([a] * 4), masks=[pb.Image(encoded=png(m)) for m in masks],
+                            image_format=pb.IMAGE_FORMAT_RAW)
+    got = [decode_output(r.image) for r in stub.Inpaint(req).results]
+    np.testing.assert_array_equal(got[0], a)  # nothing to fill: unchanged
+    full = got[1]
+    assert full.shape == a.shape and full.dtype == np.uint8
+    np.testing.assert_array_equal(full, runtime.inpaint([a], [np.ones(a.shape[:2], bool)])[0])
+    assert (full != a).mean() > 0.5  # every pixel was the model's to fill
+    np.testing.assert_array_equal(got[2], got[3])  # RGB mask == grey mask of its channel maximum
+    assert (got[3][grey == 0] == a[grey == 0]).all() and (got[3][grey > 0] != a[grey > 0]).any()
+
+
 def test_model_info(stub, runtime: Runtime) -> None:
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.name, info.version) == (runtime.bundle.name, runtime.bundle.version)
