@@ -34,6 +34,12 @@ def test_int8_bundle_is_quantized_recalibrated_and_scores_like_fp32(int8_bundle:
         ops = _op_types(int8_bundle / f)
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops, f  # QDQ int8 graphs
         assert "QuantizeLinear" not in _op_types(tiny_bundle / f)
+    # ConvTranspose stays float32 (no int8 kernel on ONNX Runtime's CPU provider): its weight is
+    # a plain float initializer, not the output of a DequantizeLinear
+    gen = onnx.load(str(int8_bundle / "generator.onnx")).graph
+    floats = {i.name for i in gen.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    deconvs = [n for n in gen.node if n.op_type == "ConvTranspose"]
+    assert deconvs and all(n.input[1] in floats for n in deconvs)
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     p = manifest["precision"]
     assert p["precision"] == "int8" and p["auroc_drop"] == pytest.approx(p["auroc_fp32"] - p["auroc"])
