@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from vaegan.export.quantize import auroc, convert_bundle  # noqa: E402
+from vaegan.export.quantize import convert_bundle  # noqa: E402
 from vaegan.service.runtime import Runtime  # noqa: E402
 from vaegan.service.runtime.bundle import load_bundle  # noqa: E402
+from vaegan.service.runtime.stats import auroc  # noqa: E402
 from vaegan.trainer.config import TrainConfig  # noqa: E402
 from vaegan.trainer.data import load_dataset  # noqa: E402
 from vaegan.trainer.pipeline import load_split  # noqa: E402

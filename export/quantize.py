@@ -35,8 +35,9 @@ import numpy as np
 
 from vaegan.service.runtime.bundle import GRAPHS, PIPELINE, load_bundle, write_manifest
 from vaegan.service.runtime.preprocess import normalize
+from vaegan.service.runtime.stats import auroc
 
-__all__ = ["MAX_AUROC_DROP", "PRECISIONS", "PrecisionRefused", "auroc", "convert_bundle", "export_at_precision"]
+__all__ = ["MAX_AUROC_DROP", "PRECISIONS", "PrecisionRefused", "convert_bundle", "export_at_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,26 +49,6 @@ FLOAT_OPS = frozenset({"ConvTranspose"})  # kept in float32 by int8 export (see 
 
 class PrecisionRefused(ValueError):
     """The converted bundle detects worse than the fp32 one by more than allowed."""
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` (N,) for binary ``labels`` (N,) (1 = anomalous);
-    ties count one half."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    s = scores[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs both normal and anomalous images")
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 class _Feeds:

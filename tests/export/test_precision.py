@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from vaegan.cli import main
-from vaegan.export.quantize import auroc
 from vaegan.service.runtime import Runtime
+from vaegan.service.runtime.stats import auroc
 from vaegan.trainer.data import load_dataset
 
 
@@ -85,17 +85,6 @@ def test_precision_needs_the_held_out_normals(tiny_run, tmp_path: Path, capsys) 
     assert main(["export", "--checkpoint", str(tiny_run[0].run.checkpoint), "--out", str(tmp_path / "x"),
                  "--precision", "int8", "--no-calibrate"]) == 2
     assert "drop --no-calibrate" in capsys.readouterr().err
-
-
-def test_auroc_matches_the_pairwise_definition() -> None:
-    rng = np.random.default_rng(0)
-    scores = np.round(rng.normal(size=200), 1)  # many ties
-    labels = rng.random(200) < 0.3
-    pos, neg = scores[labels], scores[~labels]
-    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
-    assert auroc(scores, labels) == pytest.approx(pairwise)
-    with pytest.raises(ValueError, match="both"):
-        auroc(scores, np.zeros(200))
 
 
 def test_conditional_bundles_are_refused_with_a_clear_error(conditional_bundle: Path, tmp_path: Path) -> None:
