@@ -156,26 +156,19 @@ def subpixel_deconvs(model: Any) -> int:
             helper.make_node("Conv", [n.input[0], kn, bn_], [conv], name=f"{base}_sp_conv", kernel_shape=[2, 2],
                              pads=[1, 1, 1, 1]),
         )
-        # phase (a, b) is the conv output shifted by (a, b): rows a..a+H-1, columns b..b+W-1
-        shape = f"{base}_sp_shape"
-        new_nodes.append(helper.make_node("Shape", [n.input[0]], [shape], name=f"{base}_sp_shape"))
-        hw = f"{base}_sp_hw"
-        g.initializer.extend([numpy_helper.from_array(np.array([2, 3], np.int64), f"{base}_sp_axes")])
-        new_nodes.append(helper.make_node("Gather", [shape, f"{base}_sp_axes"], [hw], name=f"{base}_sp_gather", axis=0))
+        # phase (a, b) is the conv output shifted by (a, b): of its H + 1 rows, rows a..a+H-1
+        # (the last row dropped for a = 0, the first for a = 1); columns likewise with b
+        big = np.iinfo(np.int64).max
         phases = []
         for ph, (pa, pb) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            st, en = f"{base}_sp_st{ph}", f"{base}_sp_en{ph}"
+            st, en, ax, out = (f"{base}_sp_{t}{ph}" for t in ("st", "en", "ax", "phase"))
             g.initializer.extend([
                 numpy_helper.from_array(np.array([ph * cout, pa, pb], np.int64), st),
-                numpy_helper.from_array(np.array([1, 2, 3], np.int64), f"{base}_sp_ax{ph}"),
+                numpy_helper.from_array(np.array([(ph + 1) * cout, -1 if pa == 0 else big, -1 if pb == 0 else big],
+                                                 np.int64), en),
+                numpy_helper.from_array(np.array([1, 2, 3], np.int64), ax),
             ])
-            ends_hw = f"{base}_sp_ehw{ph}"
-            g.initializer.extend([numpy_helper.from_array(np.array([pa, pb], np.int64), f"{base}_sp_ab{ph}")])
-            new_nodes.append(helper.make_node("Add", [hw, f"{base}_sp_ab{ph}"], [ends_hw], name=f"{base}_sp_addhw{ph}"))
-            g.initializer.extend([numpy_helper.from_array(np.array([(ph + 1) * cout], np.int64), f"{base}_sp_c{ph}")])
-            new_nodes.append(helper.make_node("Concat", [f"{base}_sp_c{ph}", ends_hw], [en], name=f"{base}_sp_ends{ph}", axis=0))
-            out = f"{base}_sp_phase{ph}"
-            new_nodes.append(helper.make_node("Slice", [conv, st, en, f"{base}_sp_ax{ph}"], [out], name=f"{base}_sp_slice{ph}"))
+            new_nodes.append(helper.make_node("Slice", [conv, st, en, ax], [out], name=f"{base}_sp_slice{ph}"))
             phases.append(out)
         cat = f"{base}_sp_cat"
         new_nodes += [
@@ -234,10 +227,8 @@ def _fp16(src: Path, dst: Path, name: str) -> None:
     logger.info("%s: float16 weights and activations, float32 inputs and outputs", name)
 
 
-def _scores(bundle_dir: Path, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    from vaegan.service.runtime import Runtime
-
-    rt = Runtime.load(bundle_dir, providers="cpu")
+def _scores(rt: Any, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(combined scores (N,), raw components by name) of ``rt.score`` over ``images``."""
     parts = [rt.score(images[i : i + 256]) for i in range(0, len(images), 256)]
     comps = {k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components}
     return np.concatenate([p.score for p in parts]), comps
@@ -294,12 +285,15 @@ def convert_bundle(
             target_fpr=float(source.calibration.target_fpr), weights=dict(source.calibration.weights), seed=seed,
         )
         # parity on the calibration images, detection on normals vs their corrupted copies
-        _, comps32 = _scores(src, calibration_images)
-        _, comps_q = _scores(staging, calibration_images)
+        from vaegan.service.runtime import Runtime
+
+        rt32, rt_q = Runtime.load(src, providers="cpu"), Runtime.load(staging, providers="cpu")
+        _, comps32 = _scores(rt32, calibration_images)
+        _, comps_q = _scores(rt_q, calibration_images)
         parity = {k: float(np.max(np.abs(comps32[k] - comps_q[k]))) for k in comps32}
         task = np.concatenate([selection_images, corrupt(selection_images, seed=seed)[0]])
         labels = np.r_[np.zeros(len(selection_images)), np.ones(len(selection_images))]
-        auroc32, auroc_q = auroc(_scores(src, task)[0], labels), auroc(_scores(staging, task)[0], labels)
+        auroc32, auroc_q = auroc(_scores(rt32, task)[0], labels), auroc(_scores(rt_q, task)[0], labels)
         record = {
             "precision": precision,
             "component_max_abs_error": parity,
@@ -342,23 +336,21 @@ def export_at_precision(
     """``vaegan export --precision``: the fp32 bundle of ``checkpoint`` (calibrated on the
     held-out parts its training used), converted by :func:`convert_bundle` on those same parts.
     Returns the manifest written to ``out_dir``."""
-    from vaegan.service.runtime.preprocess import ImageSpec
     from vaegan.trainer.checkpoint import load_checkpoint
-    from vaegan.trainer.config import TrainConfig
-    from vaegan.trainer.pipeline import export_checkpoint, load_split
+    from vaegan.trainer.pipeline import checkpoint_split, export_checkpoint
 
     out = Path(out_dir)
     if precision == "fp32":
         return export_checkpoint(Path(checkpoint), out, name=name, version=version)
     ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ckpt["train_config"])
-    split = load_split(cfg, ImageSpec.from_dict(ckpt["image_spec"]))
+    split = checkpoint_split(ckpt)  # loaded once: the fp32 export and the conversion share it
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fp32-", dir=out.parent) as tmp:
         fp32 = Path(tmp) / "bundle"
-        export_checkpoint(Path(checkpoint), fp32, name=name, version=version)
+        export_checkpoint(Path(checkpoint), fp32, name=name, version=version, split=split)
         convert_bundle(
             fp32, out, precision, calibration_images=split.calibration.images,
-            selection_images=split.selection.images, max_auroc_drop=max_auroc_drop, seed=cfg.seed,
+            selection_images=split.selection.images, max_auroc_drop=max_auroc_drop,
+            seed=int(ckpt["train_config"].get("seed", 0)),
         )
     return json.loads((out / "manifest.json").read_text())

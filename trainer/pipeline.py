@@ -232,17 +232,27 @@ def _bundle_from_checkpoint(
     return manifest
 
 
+def checkpoint_split(ckpt: dict[str, Any]) -> NormalSplit:
+    """The held-out parts a checkpoint's training used, rebuilt from the configs inside it."""
+    return load_split(TrainConfig.from_dict(ckpt["train_config"]), ImageSpec.from_dict(ckpt["image_spec"]))
+
+
 def export_checkpoint(
-    checkpoint: Path, out_dir: Path, *, name: str | None = None, version: int = 1, calibrate: bool = True
+    checkpoint: Path, out_dir: Path, *, name: str | None = None, version: int = 1, calibrate: bool = True,
+    split: NormalSplit | None = None,
 ) -> dict[str, Any]:
     """``vaegan export``: ONNX + manifest from a checkpoint; calibrated on the held-out split
-    that training used (rebuilt from the configs inside the checkpoint) unless told not to."""
+    that training used (rebuilt from the configs inside the checkpoint, unless the caller has
+    it already: ``split``) unless told not to."""
     from vaegan.trainer.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    n_train, split = 0, None
-    if calibrate:
-        split = load_split(TrainConfig.from_dict(ckpt["train_config"]), ImageSpec.from_dict(ckpt["image_spec"]))
+    n_train = 0
+    if not calibrate:
+        split = None
+    elif split is None:
+        split = checkpoint_split(ckpt)
+    if split is not None:
         n_train = len(split.train)
     return _bundle_from_checkpoint(ckpt, checkpoint.name, out_dir, name=name, version=version, n_train=n_train, split=split)
 
