@@ -49,6 +49,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0  # DataLoader workers
+    # mixed precision: bf16 autocast for the networks' forward passes (weights and optimizer
+    # state stay float32). auto: on CUDA only. bf16 on a CPU with native bf16 (AVX512-BF16, AMX)
+    # trains 1.6x faster, at some cost in AUROC (README, training speed)
+    autocast: str = "auto"  # auto | bf16 | off
+    # channels-last memory format for the networks and batches (oneDNN and cuDNN run its
+    # convolutions faster); False: NCHW, whose rounding makes N data-parallel processes end
+    # bit-for-bit where one process does (tests/trainer/test_distributed.py)
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.adv_loss not in ("bce", "lsgan", "none"):
@@ -77,6 +85,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

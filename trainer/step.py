@@ -48,9 +48,9 @@ class StepNoise:
         full = torch.randn((like.shape[0] * self.world_size, *like.shape[1:]), generator=self.generator)
         return self._rows(full).to(like.device, like.dtype)
 
-    def seeds(self, n: int) -> list[int]:
-        """One seed per local row, for draws made image by image."""
-        return self._rows(torch.randint(0, 2**62, (n * self.world_size,), generator=self.generator)).tolist()
+    def uniforms(self, n: int, k: int) -> torch.Tensor:
+        """Uniforms in [0, 1), (n, k) for the n local rows: per-image draws (a row per image)."""
+        return self._rows(torch.rand(n * self.world_size, k, generator=self.generator))
 
     def labels(self, like: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Random class labels int64 (B,) uniform over 0..num_classes-1, placed like ``like``
@@ -97,58 +97,88 @@ def random_masks(n: int, size: int, generator: torch.Generator | None = None) ->
     return (rows[:, :, None] & cols[:, None, :]).float()[:, None]  # (n, 1, size, size)
 
 
-def _box(h: int, w: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
-    """A random box of 1/4 to 1/2 of each side: (top, left, height, width)."""
-    bh = int(torch.randint(h // 4, h // 2 + 1, (1,), generator=generator))
-    bw = int(torch.randint(w // 4, w // 2 + 1, (1,), generator=generator))
-    t = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
-    lf = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
-    return t, lf, bh, bw
+# number of uniform draws one image's negative consumes (kind choice plus its parameters)
+NEGATIVE_DRAWS = 8
 
 
-def _local_defect(img: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One small defect drawn into ``img`` (C, H, W, normalized) in place; returns its bool mask
-    (H, W). Size: a radius of 1-5% of the side. Placed on image content (a pixel at least as
-    bright as the median), one of: a blob of another grey level (hole, stain), a thin line
-    (cut, scratch), a patch copied from elsewhere in the image, a darkened spot."""
-    c, h, w = img.shape
+def _span(u: torch.Tensor, lo: torch.Tensor | int, hi: torch.Tensor | int) -> torch.Tensor:
+    """Integers uniform in lo..hi (inclusive) from uniforms ``u`` in [0, 1): int64, like u."""
+    return (torch.as_tensor(lo) + (u * (torch.as_tensor(hi) - lo + 1)).floor().long()).minimum(torch.as_tensor(hi))
+
+
+def _box_masks(top: torch.Tensor, left: torch.Tensor, bh: torch.Tensor, bw: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bool (n, H, W): True inside each image's box (rows top..top+bh-1, columns left..left+bw-1)."""
+    ar_h, ar_w = torch.arange(h, device=top.device), torch.arange(w, device=top.device)
+    rows = (ar_h[None] >= top[:, None]) & (ar_h[None] < (top + bh)[:, None])  # (n, H)
+    cols = (ar_w[None] >= left[:, None]) & (ar_w[None] < (left + bw)[:, None])  # (n, W)
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def _shifted(src: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``src`` (n, C, H, W) read at (row + dy, column + dx) per image (clamped at the borders):
+    pixel (r, c) of the result is src[:, :, r + dy, c + dx]. dy, dx int64 (n,)."""
+    n, _, h, w = src.shape
+    rows = (torch.arange(h, device=src.device)[None] + dy[:, None]).clamp(0, h - 1)  # (n, H)
+    cols = (torch.arange(w, device=src.device)[None] + dx[:, None]).clamp(0, w - 1)  # (n, W)
+    picked = src[torch.arange(n, device=src.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, H, W, C)
+    return picked.permute(0, 3, 1, 2)
+
+
+def _boxes(u: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    """Boxes of 1/4 to 1/2 of each side at random places from uniforms u (n, 4):
+    (top, left, height, width), int64 (n,) each."""
+    bh, bw = _span(u[:, 0], h // 4, h // 2), _span(u[:, 1], w // 4, w // 2)
+    return _span(u[:, 2], 0, h - bh), _span(u[:, 3], 0, w - bw), bh, bw
+
+
+def _local_defects(img: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One small defect per image of ``img`` (n, C, H, W, normalized), parameters from the
+    uniforms u (n, 7): (altered images, bool masks (n, H, W)). Size: a radius of 1-5% of the
+    side. Placed on image content (a pixel at least as bright as the image's median), one of: a
+    blob of another grey level (hole, stain), a thin line (cut, scratch), a patch copied from
+    elsewhere in the image, a darkened spot."""
+    n, _, h, w = img.shape
     side = min(h, w)
-    u = lambda lo, hi: float(torch.empty(1).uniform_(lo, hi, generator=generator))  # noqa: E731
-    grey = img.mean(0)  # (H, W)
-    cand = (grey >= grey.median()).nonzero()
-    cy, cx = cand[int(torch.randint(0, len(cand), (1,), generator=generator))].tolist()
-    r = max(1.0, u(0.01, 0.05) * side)
-    yy = torch.arange(h, dtype=torch.float32)[:, None] - cy  # (H, 1)
-    xx = torch.arange(w, dtype=torch.float32)[None, :] - cx  # (1, W)
-    kind = int(torch.randint(0, 4, (1,), generator=generator))
-    if kind == 0:  # blob of another grey level
-        mask = (yy / r) ** 2 + (xx / (r * u(0.4, 1.6))) ** 2 <= 1.0
-        level = u(-1.0, 1.0)
-        img[:, mask] = 0.7 * level + 0.3 * img[:, mask]
-    elif kind == 1:  # thin line
-        angle = u(0.0, 3.1416)
-        across = (yy * torch.cos(torch.tensor(angle)) - xx * torch.sin(torch.tensor(angle))).abs()
-        along = (yy * torch.sin(torch.tensor(angle)) + xx * torch.cos(torch.tensor(angle))).abs()
-        mask = (across <= max(0.5, u(0.005, 0.012) * side)) & (along <= 2 * r)
-        img[:, mask] = img[:, mask] * 0.2 + (u(-1.0, 1.0) if u(0, 1) < 0.3 else -0.8)
-    elif kind == 2:  # a patch of the image from elsewhere
-        s = max(2, int(2 * r))
-        s = min(s, h - 1, w - 1)
-        sy, sx = int(torch.randint(0, h - s + 1, (1,), generator=generator)), int(torch.randint(0, w - s + 1, (1,), generator=generator))
-        ty, tx = min(max(cy - s // 2, 0), h - s), min(max(cx - s // 2, 0), w - s)
-        patch = img[:, sy : sy + s, sx : sx + s].clone()
-        img[:, ty : ty + s, tx : tx + s] = patch
-        mask = torch.zeros(h, w, dtype=torch.bool)
-        mask[ty : ty + s, tx : tx + s] = True
-    else:  # darkened spot
-        mask = (yy / r) ** 2 + (xx / r) ** 2 <= 1.0
-        img[:, mask] = (img[:, mask] + 1.0) * u(0.2, 0.6) - 1.0
-    return mask
+    grey = img.mean(1).flatten(1)  # (n, H*W)
+    cand = grey >= grey.median(dim=1, keepdim=True).values
+    k = (u[:, 0] * cand.sum(1)).floor().long()  # the k-th candidate pixel (0-based) of each image
+    pos = (cand.cumsum(1) <= k[:, None]).sum(1).clamp(max=h * w - 1)
+    cy, cx = (pos // w).float(), (pos % w).float()
+    r = ((0.01 + 0.04 * u[:, 1]) * side).clamp(min=1.0)[:, None, None]  # (n, 1, 1)
+    yy = torch.arange(h, device=img.device, dtype=torch.float32)[None, :, None] - cy[:, None, None]  # (n, H, 1)
+    xx = torch.arange(w, device=img.device, dtype=torch.float32)[None, None, :] - cx[:, None, None]  # (n, 1, W)
+    kind = (u[:, 2] * 4).floor().long().clamp(max=3)
+    a, b, c = u[:, 3, None, None], u[:, 4, None, None], u[:, 5, None, None]  # (n, 1, 1): per-kind parameters
+    # 0: blob of another grey level, an ellipse of aspect 0.4-1.6
+    blob = (yy / r) ** 2 + (xx / (r * (0.4 + 1.2 * a))) ** 2 <= 1.0
+    blob_val = 0.7 * (2 * b[:, None] - 1) + 0.3 * img
+    # 1: thin line of any angle, 0.5-1.2% of the side wide, dark or (30%) of any grey
+    angle = a * torch.pi
+    across = (yy * torch.cos(angle) - xx * torch.sin(angle)).abs()
+    along = (yy * torch.sin(angle) + xx * torch.cos(angle)).abs()
+    line = (across <= ((0.005 + 0.007 * b) * side).clamp(min=0.5)) & (along <= 2 * r)
+    level = torch.where(c < 0.3, 2 * u[:, 6, None, None] - 1, torch.full_like(c, -0.8))
+    line_val = img * 0.2 + level[:, None]
+    # 2: a square patch of the same image copied from elsewhere onto the spot
+    s = (2 * r[:, 0, 0]).long().clamp(min=2).clamp(max=min(h, w) - 1)  # (n,)
+    sy, sx = _span(a[:, 0, 0], 0, h - s), _span(b[:, 0, 0], 0, w - s)
+    ty = torch.minimum((cy.long() - s // 2).clamp(min=0), h - s)
+    tx = torch.minimum((cx.long() - s // 2).clamp(min=0), w - s)
+    patch = _box_masks(ty, tx, s, s, h, w)
+    patch_val = _shifted(img, sy - ty, sx - tx)
+    # 3: darkened spot, a disc brought 40-80% of the way to black
+    spot = (yy / r) ** 2 + (xx / r) ** 2 <= 1.0
+    spot_val = (img + 1.0) * (0.2 + 0.4 * c[:, None]) - 1.0
+    pick = [kind[:, None, None] == i for i in range(4)]  # (n, 1, 1) each
+    mask = (pick[0] & blob) | (pick[1] & line) | (pick[2] & patch) | (pick[3] & spot)  # (n, H, W)
+    value = torch.where(pick[0][:, None], blob_val, torch.where(pick[1][:, None], line_val,
+                        torch.where(pick[2][:, None], patch_val, spot_val)))
+    return torch.where(mask[:, None], value, img), mask
 
 
 def shape_negatives(
     x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None,
-    seeds: Sequence[int] | None = None,
+    draws: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real images made wrong in shape but not in texture, one of ``kinds`` per image: negative
     data augmentation (Sinha et al. 2021) that D must call fake. x: normalized (B, C, H, W).
@@ -160,44 +190,48 @@ def shape_negatives(
     ``local``: one small defect (1-5% of the side: a blob, a thin line, a copied patch or a dark
     spot) on the image's content, as real defects on photographed parts are.
 
-    Each image draws from its own generator, seeded by ``seeds[i]`` (drawn from ``generator``
-    when not given), so an image's negative does not depend on which process holds it; ``paste``
-    takes its strokes from the next image of the same (local) batch.
+    Every random choice of image i comes from row i of ``draws`` (B, NEGATIVE_DRAWS) uniforms
+    in [0, 1) (drawn from ``generator`` when not given), so an image's negative does not depend
+    on which process holds it; ``paste`` takes its strokes from the next image of the same
+    (local) batch. The whole batch is altered at once, kind by kind, on x's device.
 
     Returns (altered images, float masks (B, 1, H, W): 1 where the image was altered), so D's
     per-pixel head learns *where* an image is wrong.
     """
+    unknown = [k for k in kinds if k not in NEGATIVE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown negative kind {unknown[0]!r} (known: {', '.join(NEGATIVE_KINDS)})")
     b, _, h, w = x.shape
-    out = x.clone()
-    masks = torch.zeros(b, 1, h, w)
-    if seeds is None:
-        seeds = torch.randint(0, 2**62, (b,), generator=generator).tolist()
-    for i in range(b):
-        generator = torch.Generator().manual_seed(int(seeds[i]))
-        kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=generator))]
-        coin = float(torch.rand(1, generator=generator))
-        if kind == "erase":
-            t, lf, bh, bw = _box(h, w, generator)
-            out[i, :, t : t + bh, lf : lf + bw] = x[i].flatten(1).median(dim=1).values[:, None, None]
-            masks[i, :, t : t + bh, lf : lf + bw] = 1.0
-        elif kind == "paste":
-            t, lf, bh, bw = _box(h, w, generator)
-            st = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
-            sl = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
-            region = out[i, :, t : t + bh, lf : lf + bw]
-            out[i, :, t : t + bh, lf : lf + bw] = torch.maximum(region, x[(i + 1) % b, :, st : st + bh, sl : sl + bw])
-            masks[i, :, t : t + bh, lf : lf + bw] = 1.0
-        elif kind == "swap":
-            out[i] = torch.roll(x[i], h // 2, dims=1) if coin < 0.5 else torch.roll(x[i], w // 2, dims=2)
-            masks[i] = 1.0
-        elif kind == "rot":
-            out[i] = torch.rot90(x[i], 1 if coin < 0.5 else 3, dims=(1, 2))
-            masks[i] = 1.0
-        elif kind == "local":
-            masks[i, 0] = _local_defect(out[i], generator).float()
-        else:
-            raise ValueError(f"unknown negative kind {kind!r} (known: {', '.join(NEGATIVE_KINDS)})")
-    return out.to(x.device), masks.to(x.device, x.dtype)
+    if draws is None:
+        draws = torch.rand(b, NEGATIVE_DRAWS, generator=generator)
+    u = draws.to(x.device, torch.float32)
+    choice = (u[:, 0] * len(kinds)).floor().long().clamp(max=len(kinds) - 1)
+    out, masks = x.clone(), torch.zeros(b, h, w, dtype=torch.bool, device=x.device)
+    for j, kind in enumerate(kinds):
+        idx = (choice == j).nonzero()[:, 0]
+        if len(idx) == 0:
+            continue
+        xi, ui = x[idx], u[idx, 1:]
+        if kind in ("erase", "paste"):
+            top, left, bh, bw = _boxes(ui, h, w)
+            m = _box_masks(top, left, bh, bw, h, w)
+            if kind == "erase":  # each channel's median: the background
+                fill = xi.flatten(2).median(dim=2).values[:, :, None, None].expand_as(xi)
+            else:  # the box of the next image from (st, sl), keeping the brighter pixel
+                st, sl = _span(ui[:, 4], 0, h - bh), _span(ui[:, 5], 0, w - bw)
+                fill = torch.maximum(xi, _shifted(x[(idx + 1) % b], st - top, sl - left))
+            out[idx] = torch.where(m[:, None], fill, xi)
+        elif kind in ("swap", "rot"):
+            first = (ui[:, 0] < 0.5)[:, None, None, None]
+            if kind == "swap":
+                out[idx] = torch.where(first, torch.roll(xi, h // 2, dims=2), torch.roll(xi, w // 2, dims=3))
+            else:
+                out[idx] = torch.where(first, torch.rot90(xi, 1, dims=(2, 3)), torch.rot90(xi, 3, dims=(2, 3)))
+            m = torch.ones(len(idx), h, w, dtype=torch.bool, device=x.device)
+        else:  # local
+            out[idx], m = _local_defects(xi, ui)
+        masks[idx] = m
+    return out, masks[:, None].to(x.dtype)
 
 
 def _global_count(weights: torch.Tensor) -> torch.Tensor:
@@ -314,7 +348,7 @@ def train_step(
         part_labels = [labels, labels, prior_labels]
         neg_masks = None
         if d_negatives:
-            negatives, neg_masks = shape_negatives(x, d_negatives, seeds=noise.seeds(len(x)))
+            negatives, neg_masks = shape_negatives(x, d_negatives, draws=noise.uniforms(len(x), NEGATIVE_DRAWS))
             parts.append(negatives)
             part_labels.append(labels)  # a negative keeps its image's class
         d_in = torch.cat(parts)  # (3B or 4B, C, H, W)
@@ -337,11 +371,13 @@ def train_step(
 
     # ---- encoder and generator -----------------------------------------------------------
     with amp:
-        d_in = torch.cat([x, x_rec, x_prior])
-        # (3B, 1), (3B, F)
-        logits, feats, _ = D_plain(d_in, cat_labels(part_labels[:3]))
-        _, logit_rec, logit_prior = logits.chunk(3)
-        feat_real, feat_rec, _ = feats.chunk(3)
+        # one call per batch (D has no batch statistics, so this equals one call on their
+        # concatenation): the real images' features are only a target, computed without a graph,
+        # and the encoder's backward pass below reaches D's input on the reconstructions alone
+        with torch.no_grad():
+            _, feat_real, _ = D_plain(x, labels)  # (B, F)
+        logit_rec, feat_rec, _ = D_plain(x_rec, labels)  # (B, 1), (B, F)
+        logit_prior, _, _ = D_plain(x_prior, prior_labels)  # (B, 1)
         kl = losses.kl(mu.float(), logvar.float())
         rec_feature, rec_pixel = losses.recon(x, x_rec, feat_real, feat_rec)
         adv_g = losses.adv.generator_loss(logit_rec, logit_prior)

@@ -98,6 +98,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--target-fpr", type=float, default=0.01)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 mixed precision for training; auto: on CUDA only; bf16 on a CPU with native "
+                        "bf16 (AVX512-BF16/AMX) is 1.6x faster at some cost in AUROC; default %(default)s")
+    g.add_argument("--no-channels-last", action="store_true",
+                   help="train in NCHW memory format instead of channels-last (slower; bit-for-bit "
+                        "equal results between 1 and N data-parallel processes)")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars and image grids")
@@ -133,7 +139,8 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
             mask_prob=a.mask_prob, input_noise=a.input_noise, weight_decay=a.weight_decay,
             conditional=a.conditional, val_fraction=a.val_fraction, selection_fraction=a.selection_fraction,
             max_train=a.max_train, target_fpr=a.target_fpr,
-            seed=a.seed, device=a.device, num_workers=a.num_workers,
+            seed=a.seed, device=a.device, autocast=a.autocast, channels_last=not a.no_channels_last,
+            num_workers=a.num_workers,
         )
         spec = image_spec_for(a.dataset, a.image_size, a.channels, a.data_root)
         model_cfg = ModelConfig(
@@ -850,7 +857,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="end to end on the built-in synthetic data: train, export, serve, score, pictures")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--max-train", type=int, default=3000, help="training images (default 3000)")
+    p.add_argument("--max-train", type=int, default=3000, help="training images (default %(default)s)")
     p.add_argument("--test-images", type=int, default=400, help="held-out test images to score")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)

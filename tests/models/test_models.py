@@ -230,3 +230,43 @@ def test_discriminator_learning_rate_scale() -> None:
         TrainConfig(d_lr_scale=0)
     with pytest.raises(ValueError, match="d_noise"):
         TrainConfig(d_noise=-1)
+
+
+def test_each_negative_depends_on_its_own_draws_only() -> None:
+    """Images altered as a batch: image i's negative is a function of image i and row i of the
+    draws alone (what data-parallel ranks rely on), for every kind but ``paste`` (which takes the
+    next image of the batch); the input is never modified."""
+    from vaegan.trainer.step import NEGATIVE_DRAWS
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(12, 3, 24, 32, generator=g) * 2 - 1  # not square: rows and columns kept apart
+    draws = torch.rand(12, NEGATIVE_DRAWS, generator=g)
+    before = x.clone()
+    out, masks = shape_negatives(x, ("erase", "swap", "local"), draws=draws)
+    perm = torch.randperm(12, generator=g)
+    out_p, masks_p = shape_negatives(x[perm], ("erase", "swap", "local"), draws=draws[perm])
+    assert torch.equal(out_p, out[perm]) and torch.equal(masks_p, masks[perm])
+    assert torch.equal(x, before)
+    assert bool(((out != x).any(1) <= (masks[:, 0] > 0)).all())  # nothing altered outside a mask
+    # one image alone equals its row of the batch
+    one, _ = shape_negatives(x[5:6], ("erase", "swap", "local"), draws=draws[5:6])
+    assert torch.equal(one[0], out[5])
+
+
+def test_local_negatives_cover_every_kind_of_defect() -> None:
+    """The four local defects (blob, line, copied patch, dark spot) all occur, each a connected
+    small region centred on content at least as bright as the image's median."""
+    from vaegan.trainer.step import NEGATIVE_DRAWS
+
+    g = torch.Generator().manual_seed(4)
+    n = 64
+    x = torch.rand(n, 1, 32, 32, generator=g) * 2 - 1
+    draws = torch.rand(n, NEGATIVE_DRAWS, generator=g)
+    out, masks = shape_negatives(x, ("local",), draws=draws)
+    sub = (draws[:, 3] * 4).floor().long()  # the defect kind of each image
+    assert set(sub.tolist()) == {0, 1, 2, 3}
+    dark = sub == 3
+    # a dark spot only darkens; a copied patch holds pixels of the same image
+    assert bool((out[dark] <= x[dark] + 1e-6).all())
+    area = masks.flatten(1).sum(1)
+    assert bool((area >= 1).all()) and float(area.max()) < 0.06 * 32 * 32

@@ -19,6 +19,9 @@ from vaegan.trainer.selection import CORRUPTIONS, corrupt, select_weights
 # The tiny fixture trains 3 epochs on 768 images: it must already separate defects clearly.
 AUROC_FLOOR = 0.7
 PIXEL_AUROC_FLOOR = 0.85
+# 20-30 defective images: the tiny bundle's pixel AUROC there moves by 0.1 from one training
+# seed to the next (0.79-0.99 on seeds 0-2); misplaced masks would give about 0.5
+SMALL_SET_FLOOR = 0.7
 AU_PRO_FLOOR = 0.5
 
 
@@ -143,7 +146,12 @@ def test_evaluate_cli_folder_pair_with_masks(tiny_bundle: Path, tmp_path: Path) 
     assert rc == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["n_normal"] == 20 and report["n_anomalous"] == 20
-    assert report["pixel_auroc"] > PIXEL_AUROC_FLOOR
+    # the files lead to the figures of the same images evaluated in memory (masks matched to their
+    # images, nothing resized), and those are well above chance
+    direct = evaluate(Runtime.load(tiny_bundle, providers="cpu"), test, progress=False).report
+    assert report["pixel_auroc"] == pytest.approx(direct["pixel_auroc"], abs=1e-6)
+    assert report["image_auroc"] == pytest.approx(direct["image_auroc"], abs=1e-6)
+    assert report["pixel_auroc"] > SMALL_SET_FLOOR
 
 
 def test_evaluate_cli_mvtec_layout_reports_each_defect_type(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
@@ -171,7 +179,9 @@ def test_evaluate_cli_mvtec_layout_reports_each_defect_type(tiny_bundle: Path, t
     assert report["n_normal"] == 30 and report["n_anomalous"] == 30
     assert set(report["image_auroc_by_type"]) == {"blob", "scratch"}
     assert all(0.5 < v <= 1.0 for v in report["image_auroc_by_type"].values()), report
-    assert report["au_pro"] > AU_PRO_FLOOR and report["pixel_auroc"] > PIXEL_AUROC_FLOOR
+    direct = evaluate(Runtime.load(tiny_bundle, providers="cpu"), test, progress=False).report
+    assert report["pixel_auroc"] == pytest.approx(direct["pixel_auroc"], abs=1e-6)
+    assert report["au_pro"] > AU_PRO_FLOOR and report["pixel_auroc"] > SMALL_SET_FLOOR
     printed = capsys.readouterr().out
     assert "AU-PRO (FPR <= 0.3)" in printed and "image AUROC by type: blob" in printed
 
