@@ -91,10 +91,7 @@ def random_masks(n: int, size: int, generator: torch.Generator | None = None) ->
     hw = torch.randint(lo, hi + 1, (n, 2), generator=generator)
     top = (torch.rand(n, generator=generator) * (size - hw[:, 0] + 1)).long()
     left = (torch.rand(n, generator=generator) * (size - hw[:, 1] + 1)).long()
-    ar = torch.arange(size)
-    rows = (ar[None] >= top[:, None]) & (ar[None] < (top + hw[:, 0])[:, None])  # (n, size)
-    cols = (ar[None] >= left[:, None]) & (ar[None] < (left + hw[:, 1])[:, None])  # (n, size)
-    return (rows[:, :, None] & cols[:, None, :]).float()[:, None]  # (n, 1, size, size)
+    return _box_masks(top, left, hw[:, 0], hw[:, 1], size, size).float()[:, None]  # (n, 1, size, size)
 
 
 # number of uniform draws one image's negative consumes (kind choice plus its parameters)
