@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["NEGATIVE_KINDS", "TrainConfig"]
+__all__ = ["HOLE_KINDS", "NEGATIVE_KINDS", "TrainConfig"]
 
 # shape negatives for D (trainer.step.shape_negatives): real images made wrong in shape
 NEGATIVE_KINDS = ("erase", "paste", "swap", "rot", "local")
+# shapes of the training holes (trainer.step.hole_masks)
+HOLE_KINDS = ("rects", "centre", "strokes")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class TrainConfig:
     patch_weight: float = 1.0  # D's per-pixel (patch head) loss relative to its image-level loss
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
+    hole_kinds: str = "rects,centre,strokes"  # comma list of trainer.step.HOLE_KINDS, one drawn per image
+    hole_weight: float = 0.0  # extra pixel MSE inside the holes of a masked batch (its weight)
     input_noise: float = 0.0  # denoising variant: std of Gaussian noise on the encoder's input (normalized units)
     weight_decay: float = 0.0  # L2 weight decay on E and G (Adam's weight_decay), not on D
     # the conditional variant (CVAE-GAN): E, G and D take the image's class label (the dataset's
@@ -76,6 +80,11 @@ class TrainConfig:
         unknown = set(self.negative_kinds) - set(NEGATIVE_KINDS)
         if unknown:
             raise ValueError(f"d_negatives: unknown kind(s) {sorted(unknown)}; known: {', '.join(NEGATIVE_KINDS)}")
+        if self.hole_weight < 0:
+            raise ValueError(f"hole_weight must be >= 0, got {self.hole_weight}")
+        bad = [k for k in self.hole_kind_list if k not in HOLE_KINDS]
+        if bad or not self.hole_kind_list:
+            raise ValueError(f"hole_kinds: unknown kind(s) {bad}; known: {', '.join(HOLE_KINDS)}")
         if self.input_noise < 0 or self.weight_decay < 0:
             raise ValueError(f"input_noise and weight_decay must be >= 0, got {self.input_noise} and {self.weight_decay}")
         if self.conditional and self.normal_class is not None:
@@ -89,6 +98,11 @@ class TrainConfig:
             raise ValueError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def hole_kind_list(self) -> tuple[str, ...]:
+        """``hole_kinds`` as a tuple (the shapes of the training holes)."""
+        return tuple(k.strip() for k in self.hole_kinds.split(",") if k.strip())
 
     @property
     def negative_kinds(self) -> tuple[str, ...]:

@@ -413,10 +413,10 @@ def fit(
             x = x.contiguous(memory_format=memory_format(cfg))
             masked = cfg.mask_prob > 0 and torch.rand(1, generator=gen).item() < cfg.mask_prob
             noise = StepNoise.seeded(int(torch.randint(0, 2**62, (1,), generator=gen)), ctx.rank, ctx.world_size)
-            mask = noise.masks(len(x), spec.height).to(device) if masked else None
+            mask = noise.masks(len(x), spec.height, cfg.hole_kind_list).to(device) if masked else None
             terms = train_step(trained, x, opt, losses, mask=mask, autocast_dtype=autocast, d_noise=cfg.d_noise,
                                d_negatives=cfg.negative_kinds, noise=noise, input_noise=cfg.input_noise,
-                               labels=labels)
+                               labels=labels, hole_weight=cfg.hole_weight)
             if ema is not None:
                 update_ema(ema, model, cfg.ema_decay, epoch * steps_per_epoch + step)
             for k, v in terms.items():

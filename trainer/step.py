@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from vaegan.models import VAEGAN, AdversarialLoss, KLDivergence, ReconstructionLoss
-from vaegan.trainer.config import NEGATIVE_KINDS
+from vaegan.trainer.config import HOLE_KINDS, NEGATIVE_KINDS
 
 __all__ = [
-    "Losses", "Optimizers", "StepNoise", "cat_labels", "patch_loss", "random_masks", "shape_negatives", "train_step",
+    "HOLE_MASKS", "Losses", "Optimizers", "StepNoise", "cat_labels", "hole_masks", "patch_loss", "random_masks",
+    "shape_negatives", "train_step",
 ]
 
 
@@ -58,9 +59,9 @@ class StepNoise:
         full = torch.randint(0, num_classes, (like.shape[0] * self.world_size,), generator=self.generator)
         return self._rows(full).to(like.device)
 
-    def masks(self, n: int, size: int) -> torch.Tensor:
-        """:func:`random_masks` for the local rows: float (n, 1, size, size)."""
-        return self._rows(random_masks(n * self.world_size, size, generator=self.generator))
+    def masks(self, n: int, size: int, kinds: Sequence[str] = ("rects",)) -> torch.Tensor:
+        """:func:`hole_masks` for the local rows: float (n, 1, size, size)."""
+        return self._rows(hole_masks(n * self.world_size, size, kinds, generator=self.generator))
 
 
 @dataclass
@@ -92,6 +93,60 @@ def random_masks(n: int, size: int, generator: torch.Generator | None = None) ->
     top = (torch.rand(n, generator=generator) * (size - hw[:, 0] + 1)).long()
     left = (torch.rand(n, generator=generator) * (size - hw[:, 1] + 1)).long()
     return _box_masks(top, left, hw[:, 0], hw[:, 1], size, size).float()[:, None]  # (n, 1, size, size)
+
+
+STROKE_STEPS = 40  # steps of a free-form stroke's random walk (before its coverage target stops it)
+
+
+def stroke_masks(n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Free-form strokes: a random walk of discs (radius 1/14 of the side) that turns a little
+    at every step, until it covers its target share of the image (10-30%, drawn per image):
+    float (n, 1, size, size)."""
+    radius = max(1.0, size / 14)
+    target = 0.10 + 0.20 * torch.rand(n, generator=generator)
+    y, x = torch.rand(n, generator=generator) * size, torch.rand(n, generator=generator) * size
+    angle = torch.rand(n, generator=generator) * 2 * torch.pi
+    turns = torch.randn(STROKE_STEPS, n, generator=generator) * 0.6
+    ar = torch.arange(size, dtype=torch.float32)
+    out = torch.zeros(n, size, size, dtype=torch.bool)
+    for k in range(STROKE_STEPS):
+        going = out.flatten(1).float().mean(1) < target  # (n,): images still short of their share
+        if not bool(going.any()):
+            break
+        disc = ((ar[None, :, None] - y[:, None, None]) ** 2 + (ar[None, None, :] - x[:, None, None]) ** 2) <= radius**2
+        out |= disc & going[:, None, None]
+        angle = angle + turns[k]
+        y = (y + torch.sin(angle) * radius).clamp(0, size - 1)
+        x = (x + torch.cos(angle) * radius).clamp(0, size - 1)
+    return out.float()[:, None]
+
+
+def centre_masks(n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A centred square of half the side (a quarter of the area), moved by up to 1/8 of the
+    side: float (n, 1, size, size)."""
+    side = max(1, round(size / 2))
+    jitter = max(1, size // 8)
+    top = ((size - side) // 2 + torch.randint(-jitter, jitter + 1, (n,), generator=generator)).clamp(0, size - side)
+    left = ((size - side) // 2 + torch.randint(-jitter, jitter + 1, (n,), generator=generator)).clamp(0, size - side)
+    full = torch.full((n,), side)
+    return _box_masks(top, left, full, full, size, size).float()[:, None]
+
+
+HOLE_MASKS = {"rects": random_masks, "centre": centre_masks, "strokes": stroke_masks}
+assert tuple(HOLE_MASKS) == HOLE_KINDS
+
+
+def hole_masks(n: int, size: int, kinds: Sequence[str], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training holes: every image gets one of ``kinds`` (:data:`HOLE_MASKS`), drawn uniformly:
+    float (n, 1, size, size), 1 = hole."""
+    unknown = [k for k in kinds if k not in HOLE_MASKS]
+    if unknown or not kinds:
+        raise ValueError(f"hole kinds must be among {', '.join(HOLE_MASKS)}, got {list(kinds)}")
+    pick = torch.randint(0, len(kinds), (n,), generator=generator)
+    out = torch.zeros(n, 1, size, size)
+    for j, kind in enumerate(kinds):  # every kind is drawn for all n, so the stream does not depend on pick
+        out = torch.where((pick == j)[:, None, None, None], HOLE_MASKS[kind](n, size, generator), out)
+    return out
 
 
 # number of uniform draws one image's negative consumes (kind choice plus its parameters)
@@ -303,6 +358,7 @@ def train_step(
     noise: StepNoise | None = None,
     input_noise: float = 0.0,
     labels: torch.Tensor | None = None,
+    hole_weight: float = 0.0,
 ) -> dict[str, float]:
     """One update of D, then of E and G, on a normalized batch x (B, C, H, W).
 
@@ -377,6 +433,9 @@ def train_step(
         logit_prior, _, _ = D_plain(x_prior, prior_labels)  # (B, 1)
         kl = losses.kl(mu.float(), logvar.float())
         rec_feature, rec_pixel = losses.recon(x, x_rec, feat_real, feat_rec)
+        if mask is not None and hole_weight > 0:  # the pixel MSE inside the holes, on top
+            hole_mse = ((x_rec.float() - x) ** 2 * mask).sum() / (_global_count(mask) * x.shape[1])
+            rec_pixel = rec_pixel + hole_weight * hole_mse
         adv_g = losses.adv.generator_loss(logit_rec, logit_prior)
         loss_e = (kl + rec_feature + rec_pixel).float()
         loss_g = (rec_feature + rec_pixel + adv_g).float()

@@ -79,6 +79,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="> 0: select, calibrate and export a moving average of the weights (e.g. 0.999)")
     g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")
+    g.add_argument("--hole-kinds", default="rects,centre,strokes",
+                   help="comma list of the training holes' shapes: rects, centre, strokes; default %(default)s")
+    g.add_argument("--hole-weight", type=float, default=0.0,
+                   help="extra pixel loss inside the holes of a masked batch (its weight); default %(default)s")
     g.add_argument("--input-noise", type=float, default=0.0, metavar="SIGMA",
                    help="denoising variant: the encoder sees the image plus Gaussian noise of this std "
                         "(normalized units, images in -1..1); every loss targets the clean image")
@@ -136,7 +140,7 @@ def _train_configs(a: argparse.Namespace):  # noqa: ANN202 - returns three confi
             kl_weight=a.kl_weight, feature_weight=a.feature_weight, pixel_weight=a.pixel_weight,
             adv_weight=a.adv_weight, adv_loss=a.adv_loss, d_lr_scale=a.d_lr_scale, d_noise=a.d_noise,
             d_negatives=a.d_negatives, patch_weight=a.patch_weight, ema_decay=a.ema_decay,
-            mask_prob=a.mask_prob, input_noise=a.input_noise, weight_decay=a.weight_decay,
+            mask_prob=a.mask_prob, hole_kinds=a.hole_kinds, hole_weight=a.hole_weight, input_noise=a.input_noise, weight_decay=a.weight_decay,
             conditional=a.conditional, val_fraction=a.val_fraction, selection_fraction=a.selection_fraction,
             max_train=a.max_train, target_fpr=a.target_fpr,
             seed=a.seed, device=a.device, autocast=a.autocast, channels_last=not a.no_channels_last,

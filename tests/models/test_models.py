@@ -100,6 +100,44 @@ def test_random_masks_cover_a_rectangle() -> None:
     assert bool((area >= 16).all()) and bool((area <= 16 * 16).all())
 
 
+def test_hole_masks_cover_their_share_and_repeat_per_seed() -> None:
+    """The training holes: a centred square of a quarter of the image (moved a little), free-form
+    strokes of about 10-30%, rectangles; each kind deterministic per seed; a mix draws them all."""
+    from vaegan.trainer.step import hole_masks
+
+    def share(kind: str) -> torch.Tensor:
+        return hole_masks(100, 32, [kind], torch.Generator().manual_seed(1)).flatten(1).mean(1)
+
+    assert torch.equal(share("centre"), torch.full((100,), 0.25))
+    strokes = share("strokes")
+    assert float(strokes.mean()) > 0.08 and float(strokes.max()) < 0.4 and float(strokes.min()) > 0.0
+    rects = share("rects")
+    assert float(rects.min()) >= 16 / 32**2 and float(rects.max()) <= 0.25
+    mix = hole_masks(300, 32, ["rects", "centre", "strokes"], torch.Generator().manual_seed(2))
+    centred = (mix.flatten(1).mean(1) == 0.25) & (mix[:, 0, 16, 16] == 1)
+    assert 60 < int(centred.sum()) < 160  # about a third are centre squares
+    again = hole_masks(300, 32, ["rects", "centre", "strokes"], torch.Generator().manual_seed(2))
+    assert torch.equal(mix, again) and set(mix.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="hole kinds must be among rects, centre, strokes"):
+        hole_masks(4, 32, ["circles"])
+
+
+def test_hole_weight_adds_the_hole_error_to_the_pixel_loss() -> None:
+    from vaegan.trainer.config import TrainConfig
+    from vaegan.trainer.step import StepNoise
+
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    mask = random_masks(8, 28, generator=torch.Generator().manual_seed(0))
+    terms = {}
+    for w in (0.0, 4.0):
+        m, opt, losses = _setup()
+        terms[w] = train_step(m, x, opt, losses, mask=mask, noise=StepNoise.seeded(3), hole_weight=w)
+    assert terms[4.0]["recon_pixel"] > terms[0.0]["recon_pixel"] * 1.5
+    assert terms[4.0]["kl"] == terms[0.0]["kl"]  # the same step otherwise
+    with pytest.raises(ValueError, match="hole_kinds: unknown kind"):
+        TrainConfig(hole_kinds="rects,blobs")
+
+
 def test_instance_noise_reaches_only_the_discriminator_update() -> None:
     """d_noise perturbs D's own inputs: with the same seed D's step differs, E/G see clean x."""
     x = torch.rand(8, 1, 28, 28) * 2 - 1
