@@ -33,12 +33,12 @@ from vaegan.service.runtime import generative
 from vaegan.service.runtime.bundle import GRAPHS, Bundle, load_bundle
 from vaegan.service.runtime.errors import InvalidInput, ModelNotReady
 from vaegan.service.runtime.inpaint import (
-    border_offset,
     dilate,
     hole_start,
     mask_to_input,
     mask_to_model,
     prepare_mask,
+    seam_correction,
 )
 from vaegan.service.runtime.preprocess import (
     ImageLike,
@@ -482,7 +482,8 @@ class Runtime:
 
         The hole starts as training marks holes (:func:`~service.runtime.inpaint.hole_start`:
         the normalization mean), then ``x_k = x (1-m) + G(mu(x_{k-1})) m`` a few times; the fill
-        is shifted to match the brightness of the ring around the hole. ``labels``: int64 (N,)
+        is then Poisson-blended into its surroundings
+        (:func:`~service.runtime.inpaint.seam_correction`), so no seam shows. ``labels``: int64 (N,)
         classes of a conditional bundle (each in range).
         """
         m = mask[:, None].astype(np.float32)  # (N, 1, H, W)
@@ -491,7 +492,7 @@ class Runtime:
         for _ in range(max(1, self.inpaint_iterations)):
             gen = self.reconstruct_normalized(cur, labels)
             cur = x * (1 - m) + gen * m
-        gen = gen + border_offset(x, gen, mask)
+        gen = gen + seam_correction(x, gen, mask)
         return x * (1 - m) + gen * m  # denormalize() clips to the pixel range
 
     def inpaint(
