@@ -160,6 +160,12 @@ class Bundle:
         return manifest_num_classes(self.manifest)
 
     @property
+    def trained_with_holes(self) -> bool:
+        """Whether training filled holes (``train_config.mask_prob`` > 0 in the manifest)."""
+        train_config = (self.manifest.get("training") or {}).get("train_config") or {}
+        return float(train_config.get("mask_prob", 0.0) or 0.0) > 0.0
+
+    @property
     def conditional(self) -> bool:
         return self.num_classes > 0
 

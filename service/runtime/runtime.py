@@ -169,14 +169,17 @@ class Runtime:
         providers: str = "auto",
         intra_op_threads: int = 0,
         max_batch_size: int = 64,
-        inpaint_iterations: int = 4,
+        inpaint_iterations: int | None = None,
         spin: bool = True,
         fuse: bool = True,
     ) -> None:
         self.bundle = bundle
         self.spec = bundle.spec
         self.max_batch_size = max_batch_size
-        self.inpaint_iterations = inpaint_iterations
+        # model runs per inpainting: a bundle trained with holes completes them best in 2 (more
+        # drift toward the class mean: centre squares 9.42 dB at 2, 9.07 at 4, 8.76 at 8 on MNIST),
+        # one trained without them needs 4 to pull the hole toward the image (8.03 at 2, 8.24 at 4)
+        self.inpaint_iterations = inpaint_iterations or (2 if bundle.trained_with_holes else 4)
         chosen = resolve_providers(providers)
         sigs = bundle.signatures()
         self.graphs = {
@@ -481,7 +484,8 @@ class Runtime:
         """Fill ``mask`` (bool (N, H, W), True = fill) in a normalized batch (N, C, H, W).
 
         The hole starts as training marks holes (:func:`~service.runtime.inpaint.hole_start`:
-        the normalization mean), then ``x_k = x (1-m) + G(mu(x_{k-1})) m`` a few times; the fill
+        the normalization mean), then ``x_k = x (1-m) + G(mu(x_{k-1})) m``, ``inpaint_iterations``
+        times (2 for a bundle trained with holes, 4 otherwise); the fill
         is then Poisson-blended into its surroundings
         (:func:`~service.runtime.inpaint.seam_correction`), so no seam shows. ``labels``: int64 (N,)
         classes of a conditional bundle (each in range).
