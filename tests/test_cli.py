@@ -50,7 +50,8 @@ def test_train_flags_default_to_the_train_config_defaults() -> None:
     d = TrainConfig()
     for name in ("adv_loss", "adv_weight", "d_negatives", "d_noise", "d_lr_scale", "ema_decay", "mask_prob",
                  "kl_weight", "feature_weight", "pixel_weight", "val_fraction", "selection_fraction", "target_fpr",
-                 "batch_size", "input_noise", "weight_decay"):
+                 "batch_size", "input_noise", "weight_decay", "hole_kinds", "hole_weight", "autocast",
+                 "channels_last"):
         assert getattr(cfg, name) == getattr(d, name), name
 
 

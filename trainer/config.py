@@ -33,7 +33,7 @@ class TrainConfig:
     d_negatives: str = "erase,local"  # comma list of NEGATIVE_KINDS: altered real images D must call fake; "" = none
     patch_weight: float = 1.0  # D's per-pixel (patch head) loss relative to its image-level loss
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
-    mask_prob: float = 0.0  # share of batches trained with random holes (inpainting)
+    mask_prob: float = 0.5  # share of batches trained with random holes (inpainting)
     hole_kinds: str = "rects,centre,strokes"  # comma list of trainer.step.HOLE_KINDS, one drawn per image
     hole_weight: float = 0.0  # extra pixel MSE inside the holes of a masked batch (its weight)
     input_noise: float = 0.0  # denoising variant: std of Gaussian noise on the encoder's input (normalized units)

@@ -98,15 +98,29 @@ def random_masks(n: int, size: int, generator: torch.Generator | None = None) ->
 STROKE_STEPS = 40  # steps of a free-form stroke's random walk (before its coverage target stops it)
 
 
-def stroke_masks(n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def stroke_masks(n: int, size: int, generator: torch.Generator | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
     """Free-form strokes: a random walk of discs (radius 1/14 of the side) that turns a little
     at every step, until it covers its target share of the image (10-30%, drawn per image):
-    float (n, 1, size, size)."""
+    float (n, 1, size, size). ``rows`` (bool (n,)): draw strokes in those images only (the
+    others stay empty; the random draws are the same either way)."""
     radius = max(1.0, size / 14)
     target = 0.10 + 0.20 * torch.rand(n, generator=generator)
     y, x = torch.rand(n, generator=generator) * size, torch.rand(n, generator=generator) * size
     angle = torch.rand(n, generator=generator) * 2 * torch.pi
     turns = torch.randn(STROKE_STEPS, n, generator=generator) * 0.6
+    if rows is not None:  # render the chosen images only
+        idx = rows.nonzero()[:, 0]
+        full = torch.zeros(n, 1, size, size)
+        full[idx] = _render_strokes(target[idx], y[idx], x[idx], angle[idx], turns[:, idx], size, radius)
+        return full
+    return _render_strokes(target, y, x, angle, turns, size, radius)
+
+
+def _render_strokes(target: torch.Tensor, y: torch.Tensor, x: torch.Tensor, angle: torch.Tensor,
+                    turns: torch.Tensor, size: int, radius: float) -> torch.Tensor:
+    """The random walks of :func:`stroke_masks` drawn: float (n, 1, size, size)."""
+    n = len(target)
     ar = torch.arange(size, dtype=torch.float32)
     out = torch.zeros(n, size, size, dtype=torch.bool)
     for k in range(STROKE_STEPS):
@@ -145,7 +159,9 @@ def hole_masks(n: int, size: int, kinds: Sequence[str], generator: torch.Generat
     pick = torch.randint(0, len(kinds), (n,), generator=generator)
     out = torch.zeros(n, 1, size, size)
     for j, kind in enumerate(kinds):  # every kind is drawn for all n, so the stream does not depend on pick
-        out = torch.where((pick == j)[:, None, None, None], HOLE_MASKS[kind](n, size, generator), out)
+        mine = pick == j
+        masks = stroke_masks(n, size, generator, rows=mine) if kind == "strokes" else HOLE_MASKS[kind](n, size, generator)
+        out = torch.where(mine[:, None, None, None], masks, out)
     return out
 
 

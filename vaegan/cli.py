@@ -78,7 +78,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "'' for none; default %(default)s")
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="> 0: select, calibrate and export a moving average of the weights (e.g. 0.999)")
-    g.add_argument("--mask-prob", type=float, default=0.0, help="share of batches trained with random holes")
+    g.add_argument("--mask-prob", type=float, default=0.5,
+                   help="share of batches trained with holes (inpainting; 0: none); default %(default)s")
     g.add_argument("--hole-kinds", default="rects,centre,strokes",
                    help="comma list of the training holes' shapes: rects, centre, strokes; default %(default)s")
     g.add_argument("--hole-weight", type=float, default=0.0,
