@@ -34,7 +34,7 @@ class TrainConfig:
     patch_weight: float = 1.0  # D's per-pixel (patch head) loss relative to its image-level loss
     ema_decay: float = 0.0  # > 0: score/export an exponential moving average of the weights
     mask_prob: float = 0.5  # share of batches trained with random holes (inpainting)
-    hole_kinds: str = "rects,centre,strokes"  # comma list of trainer.step.HOLE_KINDS, one drawn per image
+    hole_kinds: str = "rects,centre,strokes"  # comma list of HOLE_KINDS (trainer.step.hole_masks), one per image
     hole_weight: float = 0.0  # extra pixel MSE inside the holes of a masked batch (its weight)
     input_noise: float = 0.0  # denoising variant: std of Gaussian noise on the encoder's input (normalized units)
     weight_decay: float = 0.0  # L2 weight decay on E and G (Adam's weight_decay), not on D
