@@ -351,3 +351,20 @@ def test_synthetic_renders_at_spec_size() -> None:
     assert np.abs(np.diff(big.astype(int), axis=1)).mean() > np.abs(np.diff(up.astype(int), axis=1)).mean()
     grey = load_dataset("synthetic", None, "train", ImageSpec(1, 32, 32), limit=4)
     assert grey.images.shape == (4, 32, 32, 1)
+
+
+def test_synthetic_repairs_pair_each_defective_image_with_its_clean_original() -> None:
+    from vaegan.trainer.data.synthetic import DEFECT_KINDS, make_synthetic, make_synthetic_repairs
+
+    images, labels, masks = make_synthetic("test", 40, 32, 32)
+    bad, clean, truth, kinds = make_synthetic_repairs(40, 32, 32)
+    assert np.array_equal(bad, images[labels == 1]) and np.array_equal(truth, masks[labels == 1])
+    assert set(kinds.tolist()) <= set(range(len(DEFECT_KINDS))) and len(kinds) == 20
+    changed = (bad != clean).any(-1)  # (M, H, W)
+    assert bool(changed[truth].all())  # every defect pixel differs from the original
+    # outside the defect only its anti-aliased rim differs: within 1 pixel of the mask
+    near = np.zeros_like(truth)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            near |= np.roll(np.roll(truth, dy, 1), dx, 2)
+    assert not bool((changed & ~near).any())

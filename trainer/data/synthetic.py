@@ -30,6 +30,7 @@ __all__ = [
     "PALETTE",
     "load_synthetic",
     "make_synthetic",
+    "make_synthetic_repairs",
 ]
 
 CLASS_NAMES = ["normal", "defect"]
@@ -155,8 +156,9 @@ def _render_defects_sliced(p: dict[str, np.ndarray], height: int, width: int) ->
     return np.concatenate([a for a, _ in parts]), np.concatenate([k for _, k in parts])
 
 
-def _add_defects(rng: np.random.Generator, img: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Paint one defect into each of ``img`` (float32 (M, H, W, 3), in place) -> masks (M, H, W)."""
+def _add_defects(rng: np.random.Generator, img: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one defect into each of ``img`` (float32 (M, H, W, 3), in place) -> (masks (M, H, W),
+    kinds (M,): indices into DEFECT_KINDS)."""
     m, height, width = img.shape[:3]
     dp = _defect_params(rng, m)
     colours = _defect_colours(rng, base, dp["kind"])
@@ -176,11 +178,15 @@ def _add_defects(rng: np.random.Generator, img: np.ndarray, base: np.ndarray) ->
     a = (alpha * _col(dp["opacity"]))[..., None]  # (M, H, W, 1)
     img *= 1 - a
     img += colours[:, None, None, :] * a
-    return mask
+    return mask, dp["kind"]
 
 
-def _chunk(seed: int, split: str, chunk: int, n: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``chunk * _CHUNK ...`` of a split -> (uint8 (n, H, W, 3), bool (n, H, W) masks)."""
+def _chunk(
+    seed: int, split: str, chunk: int, n: int, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Images ``chunk * _CHUNK ...`` of a split -> (uint8 (n, H, W, 3), bool (n, H, W) masks,
+    uint8 (n, H, W, 3) the same images before their defects were painted, int64 (n,) defect
+    kinds: indices into DEFECT_KINDS, -1 for a normal image)."""
     params_seq, noise_seq = np.random.SeedSequence([seed, _SPLIT_IDS[split], chunk]).spawn(2)
     rng, noise_rng = np.random.default_rng(params_seq), np.random.default_rng(noise_seq)
     surface = _surface_params(rng, n)
@@ -188,12 +194,18 @@ def _chunk(seed: int, split: str, chunk: int, n: int, height: int, width: int) -
     img += noise_rng.normal(0, _NOISE, (n, height, width, 1)).astype(np.float32)  # grain in luminance
     img += noise_rng.normal(0, _NOISE / 3, (n, height, width, 3)).astype(np.float32)  # and a little colour
     masks = np.zeros((n, height, width), bool)
+    kinds = np.full(n, -1, np.int64)
+
+    def to_uint8(a: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)
+
+    clean = to_uint8(img)
     if split == "test":
         defective = np.flatnonzero((chunk * _CHUNK + np.arange(n)) % 2 == 1)
         sub = img[defective]
-        masks[defective] = _add_defects(rng, sub, surface["base"][defective])
+        masks[defective], kinds[defective] = _add_defects(rng, sub, surface["base"][defective])
         img[defective] = sub
-    return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), masks
+    return to_uint8(img), masks, clean, kinds
 
 
 def make_synthetic(
@@ -207,6 +219,19 @@ def make_synthetic(
     masks = np.concatenate([p[1] for p in parts])[:count] if parts else np.zeros((0, height, width), bool)
     labels = (np.arange(count) % 2 if split == "test" else np.zeros(count)).astype(np.int64)
     return images, labels, masks
+
+
+def make_synthetic_repairs(
+    count: int, height: int, width: int, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The defective images among the first ``count`` test images, with what a repair should
+    give back: (defective uint8 (M, H, W, 3), the same images rendered without their defect
+    (M, H, W, 3), bool defect masks (M, H, W), int64 kinds (M,): indices into DEFECT_KINDS).
+    The images are exactly those of :func:`make_synthetic` (``split="test"``)."""
+    parts = [_chunk(seed, "test", c, _CHUNK, height, width) for c in range(-(-count // _CHUNK))]
+    images, masks, clean, kinds = (np.concatenate([p[i] for p in parts])[:count] for i in range(4))
+    bad = kinds >= 0
+    return images[bad], clean[bad], masks[bad], kinds[bad]
 
 
 def load_synthetic(split: str, spec: ImageSpec | None, *, seed: int = 0, limit: int | None = None) -> ImageSet:
