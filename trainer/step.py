@@ -86,13 +86,20 @@ class Optimizers:
             getattr(self, k).load_state_dict(v)
 
 
-def random_masks(n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random rectangular holes, 1/8 to 1/2 of the side each: float (n, 1, size, size)."""
+def _only(masks: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Masks (n, 1, H, W) with the images outside ``rows`` (bool (n,); None: all) emptied."""
+    return masks if rows is None else masks * rows[:, None, None, None]
+
+
+def random_masks(n: int, size: int, generator: torch.Generator | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Random rectangular holes, 1/8 to 1/2 of the side each: float (n, 1, size, size); with
+    ``rows`` (bool (n,)), in those images only (the random draws are the same either way)."""
     lo, hi = max(1, size // 8), max(2, size // 2)
     hw = torch.randint(lo, hi + 1, (n, 2), generator=generator)
     top = (torch.rand(n, generator=generator) * (size - hw[:, 0] + 1)).long()
     left = (torch.rand(n, generator=generator) * (size - hw[:, 1] + 1)).long()
-    return _box_masks(top, left, hw[:, 0], hw[:, 1], size, size).float()[:, None]  # (n, 1, size, size)
+    return _only(_box_masks(top, left, hw[:, 0], hw[:, 1], size, size).float()[:, None], rows)  # (n, 1, size, size)
 
 
 STROKE_STEPS = 40  # steps of a free-form stroke's random walk (before its coverage target stops it)
@@ -135,15 +142,16 @@ def _render_strokes(target: torch.Tensor, y: torch.Tensor, x: torch.Tensor, angl
     return out.float()[:, None]
 
 
-def centre_masks(n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def centre_masks(n: int, size: int, generator: torch.Generator | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
     """A centred square of half the side (a quarter of the area), moved by up to 1/8 of the
-    side: float (n, 1, size, size)."""
+    side: float (n, 1, size, size); ``rows`` as in :func:`random_masks`."""
     side = max(1, round(size / 2))
     jitter = max(1, size // 8)
     top = ((size - side) // 2 + torch.randint(-jitter, jitter + 1, (n,), generator=generator)).clamp(0, size - side)
     left = ((size - side) // 2 + torch.randint(-jitter, jitter + 1, (n,), generator=generator)).clamp(0, size - side)
     full = torch.full((n,), side)
-    return _box_masks(top, left, full, full, size, size).float()[:, None]
+    return _only(_box_masks(top, left, full, full, size, size).float()[:, None], rows)
 
 
 HOLE_MASKS = {"rects": random_masks, "centre": centre_masks, "strokes": stroke_masks}
@@ -157,12 +165,9 @@ def hole_masks(n: int, size: int, kinds: Sequence[str], generator: torch.Generat
     if unknown or not kinds:
         raise ValueError(f"hole kinds must be among {', '.join(HOLE_MASKS)}, got {list(kinds)}")
     pick = torch.randint(0, len(kinds), (n,), generator=generator)
-    out = torch.zeros(n, 1, size, size)
-    for j, kind in enumerate(kinds):  # every kind is drawn for all n, so the stream does not depend on pick
-        mine = pick == j
-        masks = stroke_masks(n, size, generator, rows=mine) if kind == "strokes" else HOLE_MASKS[kind](n, size, generator)
-        out = torch.where(mine[:, None, None, None], masks, out)
-    return out
+    # every kind draws for all n images (so the random stream does not depend on pick) and
+    # draws holes in its own images only
+    return sum(HOLE_MASKS[kind](n, size, generator, rows=pick == j) for j, kind in enumerate(kinds))  # type: ignore[return-value]
 
 
 # number of uniform draws one image's negative consumes (kind choice plus its parameters)

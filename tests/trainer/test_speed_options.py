@@ -16,13 +16,29 @@ CFG = TrainConfig(batch_size=8, kl_weight=0.1)
 MODEL = ModelConfig(num_channels=3, image_size=28, latent_dim=8, base_width=8)
 
 
-def _one_step(fmt: torch.memory_format, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+class _Hold:
+    """An optimizer that keeps the weights: the gradients of a step stay readable."""
+
+    def step(self) -> None:
+        pass
+
+
+def _step(fmt: torch.memory_format, dtype: torch.dtype | None = None, data_seed: int = 1,
+          update: bool = True) -> torch.nn.Module:
+    """The tiny model after one training step in memory format ``fmt`` (weights unchanged and
+    gradients kept with ``update=False``)."""
     torch.manual_seed(0)
     model, opt, losses = _build(MODEL, CFG, torch.device("cpu"))
     model = model.to(memory_format=fmt)
-    x = (torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1).contiguous(memory_format=fmt)
+    x = (torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(data_seed)) * 2 - 1).contiguous(memory_format=fmt)
+    if not update:
+        opt = Optimizers(_Hold(), _Hold(), _Hold())  # type: ignore[arg-type]
     train_step(model, x, opt, losses, d_negatives=CFG.negative_kinds, noise=StepNoise.seeded(2), autocast_dtype=dtype)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model
+
+
+def _one_step(fmt: torch.memory_format, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in _step(fmt, dtype).state_dict().items()}
 
 
 def test_the_trainer_builds_channels_last_networks() -> None:
@@ -33,17 +49,7 @@ def test_the_trainer_builds_channels_last_networks() -> None:
 
 def _grads(fmt: torch.memory_format, data_seed: int = 1) -> dict[str, torch.Tensor]:
     """The gradients of one training step (nothing updated)."""
-
-    class _Hold:
-        def step(self) -> None:
-            pass
-
-    torch.manual_seed(0)
-    model, _, losses = _build(MODEL, CFG, torch.device("cpu"))
-    model = model.to(memory_format=fmt)
-    x = (torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(data_seed)) * 2 - 1).contiguous(memory_format=fmt)
-    train_step(model, x, Optimizers(_Hold(), _Hold(), _Hold()), losses, d_negatives=CFG.negative_kinds,  # type: ignore[arg-type]
-               noise=StepNoise.seeded(2))
+    model = _step(fmt, data_seed=data_seed, update=False)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
